@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install what is needed on first use (idempotent: a second
+# call finds the stamp and installs nothing).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.libmoe-installed
+TORCH_DEFAULT := torch==2.13.0
+
+.PHONY: setup test test-fast demo lab bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@# Keep a torch the user already has (e.g. a CUDA build); install the CPU default otherwise.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_DEFAULT)
+	@# Pin whatever torch is present so no dependency can swap it for another build.
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	@echo "filelock<4" >> $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	@$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (libmoe-kit)" >/dev/null
+	@touch $@
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+demo: setup
+	@echo "The embedded demo (pipeline over the tiny preset) is not built yet: see issue 7."
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: setup
+	$(PY) benchmarks/moe_layer.py
+
+clean-venv:
+	rm -rf $(VENV)

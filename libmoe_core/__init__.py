@@ -1,0 +1,5 @@
+"""libmoe-kit: a notebook-first research kit for Mixture-of-Experts vision-language models."""
+
+__version__ = "0.1.0"
+
+from .moe import ROUTERS, MoELayer, build_moe, register_router  # noqa: E402,F401

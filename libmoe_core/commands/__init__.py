@@ -1,0 +1,1 @@
+"""Subcommands of ``libmoe`` (one module each, discovered by :mod:`libmoe_core.cli`)."""

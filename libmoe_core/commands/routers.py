@@ -1,0 +1,17 @@
+"""``libmoe routers``: list the registered routers and their LibMoE aliases."""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("routers", help="list registered routers")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..moe import ROUTER_ALIASES, ROUTERS
+
+    for name, cls in sorted(ROUTERS.items()):
+        aliases = [a for a, n in ROUTER_ALIASES.items() if n == name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        alias_text = f" (LibMoE: {', '.join(aliases)})" if aliases else ""
+        print(f"{name:<17}{alias_text:<32} {doc}")
+    return 0

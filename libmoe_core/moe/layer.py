@@ -1,0 +1,155 @@
+"""The MoE layer: route, dispatch to experts with one grouped product, combine.
+
+``MoELayer`` is a drop-in replacement for a dense MLP inside any HF model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .experts import Experts
+from .router_base import Router
+
+
+@dataclass
+class Routing:
+    """The last forward's routing, shaped like the layer input's leading dims (...)."""
+
+    experts: torch.Tensor  # [..., k] chosen slot ids, rank order
+    weights: torch.Tensor  # [..., k] combine weights (fp32)
+    probs: torch.Tensor  # [..., S] full router distribution (fp32)
+    aux_loss: torch.Tensor  # scalar: sum of coef * term
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted terms
+    dropped: int = 0  # slots dropped by the capacity limit
+
+
+def capacity_mask(ffn_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+    """ffn_ids [T, k] with slots past each expert's capacity set to -1.
+
+    Priority: every token's first choice before any second choice, then token order.
+    """
+    t, k = ffn_ids.shape
+    rank_major = ffn_ids.t().reshape(-1)  # [k*T]: all rank-0 slots first
+    key = torch.where(rank_major >= 0, rank_major, num_experts)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(sorted_key, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts  # [E+1]
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device) - starts[sorted_key]
+    kept = torch.where(position < capacity, rank_major, torch.full_like(rank_major, -1))
+    return kept.view(k, t).t()
+
+
+def dispatch(
+    x: torch.Tensor,  # [T, in]
+    ffn_ids: torch.Tensor,  # [T, k] expert ids, -1 = no feed-forward expert
+    weights: torch.Tensor,  # [T, k]
+    experts: Experts,
+) -> torch.Tensor:  # [T, out]
+    """Sort token-slots by expert, run the experts as one grouped product, combine weighted."""
+    t, k = ffn_ids.shape
+    e = experts.num_experts
+    flat = ffn_ids.reshape(-1)  # [T*k]
+    key = torch.where(flat >= 0, flat, e)  # no-expert slots sort last
+    sorted_key, order = torch.sort(key, stable=True)  # stable: deterministic, batch-invariant
+    counts = torch.bincount(sorted_key, minlength=e + 1)  # [E+1]
+    n_active = t * k - int(counts[e]) if counts[e] else t * k
+    order = order[:n_active]
+    rows = experts(x[order // k], counts[:e])  # [S', out]
+    rows = rows * weights.reshape(-1)[order].unsqueeze(-1).to(rows.dtype)
+    if n_active == t * k:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        per_slot = rows[inverse]  # [T*k, out] back in token order
+    else:
+        per_slot = rows.new_zeros(t * k, rows.shape[-1]).index_copy(0, order, rows)
+    return per_slot.view(t, k, -1).sum(dim=1)
+
+
+class MoELayer(nn.Module):
+    """Router + experts. ``forward(x)`` returns what the replaced dense MLP would: [..., out].
+
+    After each call ``last_routing`` holds the routing (:class:`Routing`) and its
+    auxiliary loss, which the model collects into its training loss.
+    """
+
+    def __init__(self, router: Router, experts: Experts, *, capacity_factor: float | None = None):
+        super().__init__()
+        if router.num_ffn_experts != experts.num_experts:
+            raise ValueError(f"router '{router.name}' needs {router.num_ffn_experts} experts, got {experts.num_experts}")
+        if router.hidden_size != experts.in_features:
+            raise ValueError(f"router hidden_size {router.hidden_size} != experts in_features {experts.in_features}")
+        if router.requires_square and experts.in_features != experts.out_features:
+            raise ValueError(
+                f"router '{router.name}' has constant/copy experts that output x itself, so it needs "
+                f"in_features == out_features; got {experts.in_features} -> {experts.out_features}"
+            )
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
+        self.router = router
+        self.experts = experts
+        self.capacity_factor = capacity_factor
+        self.last_routing: Routing | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        tokens = x.reshape(-1, x.shape[-1])  # [T, in]
+        route = self.router(tokens)
+        ffn_ids = self.router.ffn_ids(route.experts)  # [T, k]
+        dropped = 0
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * ffn_ids.numel() / self.num_experts)
+            kept = capacity_mask(ffn_ids, self.num_experts, capacity)
+            dropped = int(((kept < 0) & (ffn_ids >= 0)).sum())
+            ffn_ids = kept
+        y = dispatch(tokens, ffn_ids, route.weights, self.experts)
+        extra = self.router.extra_output(tokens, route)
+        if extra is not None:
+            y = y + extra
+        k = route.experts.shape[-1]
+        self.last_routing = Routing(
+            experts=route.experts.view(*lead, k),
+            weights=route.weights.view(*lead, k),
+            probs=route.probs.view(*lead, route.probs.shape[-1]),
+            aux_loss=route.aux_loss,
+            aux_terms=route.aux_terms,
+            dropped=dropped,
+        )
+        return y.view(*lead, y.shape[-1]).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"capacity_factor={self.capacity_factor}"
+
+
+# --------------------------------------------------------------------------- model-level helpers
+
+
+def moe_layers(model: nn.Module):
+    """(qualified name, MoELayer) for every MoE layer in ``model``."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary losses of every MoE layer's last forward (None if there are none)."""
+    losses = [m.last_routing.aux_loss for _, m in moe_layers(model) if m.last_routing is not None]
+    return torch.stack(losses).sum() if losses else None
+
+
+def set_router_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Tell every router the training step (drives the hyper router's k schedule)."""
+    for _, m in moe_layers(model):
+        m.router.set_step(step, total_steps)
+
+
+def routers_step_end(model: nn.Module) -> None:
+    """Call after each optimiser step (updates auxfree's balancing bias)."""
+    for _, m in moe_layers(model):
+        m.router.on_step_end()

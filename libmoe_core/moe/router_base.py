@@ -1,0 +1,277 @@
+"""The router base class, its output record, the auxiliary losses and the registry.
+
+Notation used in shape comments: T tokens (flattened), d hidden size, E experts,
+S router slots (S = E for most routers; tcmoe and moepp have extra slots),
+k experts chosen per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+DEFAULT_BALANCE_COEF = 0.01
+DEFAULT_Z_COEF = 0.001
+
+
+@dataclass
+class RouterOutput:
+    """One routing decision for T tokens."""
+
+    experts: torch.Tensor  # [T, k] int64 slot ids, rank order (best first)
+    weights: torch.Tensor  # [T, k] fp32 combine weights (signed for tcmoe's negative slots)
+    probs: torch.Tensor  # [T, S] fp32 full router distribution over slots
+    logits: torch.Tensor  # [T, S'] fp32 pre-normalisation scores (z-loss input)
+    aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, scalar each
+    aux_loss: torch.Tensor | None = None  # scalar: sum of coef * term
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def balance_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/GShard load-balance loss ``E * sum_e f_e * P_e``; 1.0 at perfect balance.
+
+    ``f_e`` is the share of all T*k routing slots (every rank, whole batch) that chose
+    expert e; ``P_e`` the mean router probability of e. Ids outside [0, E) are ignored.
+    probs: [T, E], experts: [T, k].
+    """
+    flat = experts.reshape(-1)
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.bincount(flat[valid], minlength=num_experts).to(probs.dtype)  # [E]
+    f = counts / max(flat.numel(), 1)
+    p = probs.mean(dim=0)  # [E]
+    return num_experts * torch.sum(f * p)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits: [T, S]."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+# --------------------------------------------------------------------------- selection helpers
+
+
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool = True):
+    """Softmax scores, top-k, weights renormalised over the chosen k.
+
+    Returns (experts [T, k], weights [T, k], probs [T, E]).
+    """
+    probs = torch.softmax(logits, dim=-1)
+    top_p, idx = probs.topk(k, dim=-1)
+    weights = top_p / top_p.sum(-1, keepdim=True) if normalize else top_p
+    return idx, weights, probs
+
+
+def sigmoid_topk(logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None):
+    """Sigmoid scores, top-k (of score + optional non-learned bias), weights s_i / sum of chosen s.
+
+    ``probs`` is s normalised over all experts, so it is a distribution for analysis
+    and the balance loss. Returns (experts [T, k], weights [T, k], probs [T, E]).
+    """
+    scores = torch.sigmoid(logits)  # [T, E]
+    ranking = scores if selection_bias is None else scores + selection_bias
+    idx = ranking.topk(k, dim=-1).indices
+    chosen = scores.gather(-1, idx)
+    weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20)
+    probs = scores / scores.sum(-1, keepdim=True)
+    return idx, weights, probs
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class Router(nn.Module):
+    """Base of every router: scores tokens, selects k slots, reports aux losses.
+
+    Subclasses implement :meth:`scores` (fp32 logits) and, when selection is not
+    "softmax, top-k, renormalise", :meth:`select`. All router math runs in fp32
+    whatever the model dtype. Slots map to feed-forward experts through
+    :attr:`slot_to_ffn` (``None`` means slot i is expert i; -1 marks a slot with no
+    feed-forward expert, such as MoE++'s zero expert or TC-MoE's null slot).
+    """
+
+    name: ClassVar[str] = "base"
+    aliases: ClassVar[tuple[str, ...]] = ()
+    default_balance_coef: ClassVar[float] = DEFAULT_BALANCE_COEF
+    default_z_coef: ClassVar[float] = DEFAULT_Z_COEF
+    #: The layer's output needs in_features == out_features (constant/copy experts).
+    requires_square: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        balance_coef: float | None = None,
+        z_coef: float | None = None,
+        seed: int | None = None,
+        init_std: float = 0.02,
+    ):
+        super().__init__()
+        _check_positive_int("hidden_size", hidden_size)
+        _check_positive_int("num_experts", num_experts)
+        _check_positive_int("top_k", top_k)
+        self.hidden_size = hidden_size
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.init_std = init_std
+        self.seed = seed
+        self.coefs = {
+            "balance": _check_coef("balance_coef", self.default_balance_coef if balance_coef is None else balance_coef),
+            "z": _check_coef("z_coef", self.default_z_coef if z_coef is None else z_coef),
+        }
+        if top_k > self.num_choices:
+            raise ValueError(
+                f"router '{self.name}': top_k={top_k} exceeds the {self.num_choices} choosable slots "
+                f"(num_experts={num_experts}); use top_k <= {self.num_choices}"
+            )
+
+    # ---- structure (override where a router has extra slots)
+    @property
+    def num_slots(self) -> int:
+        """Columns of ``probs``: the router's full distribution."""
+        return self.num_experts
+
+    @property
+    def num_choices(self) -> int:
+        """How many distinct slots top-k picks from."""
+        return self.num_slots
+
+    @property
+    def num_ffn_experts(self) -> int:
+        """Feed-forward experts the layer must hold."""
+        return self.num_experts
+
+    @property
+    def preserves_dense_output(self) -> bool:
+        """True when the feed-forward combine weights of every token sum to 1.
+
+        Then an upcycled layer (identical experts) reproduces the dense MLP exactly.
+        """
+        return True
+
+    # ---- training-loop hooks (no-ops unless a router needs them)
+    def current_k(self) -> int:
+        return self.top_k
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Tell the router the optimiser step (used by routers with schedules)."""
+
+    def on_step_end(self) -> None:
+        """Called after each optimiser step (used by routers with non-gradient state)."""
+
+    # ---- the math
+    def make_gate(self, out_features: int, in_features: int | None = None, bias: bool = False) -> nn.Linear:
+        """A gate projection initialised N(0, init_std) from this router's seed."""
+        gate = nn.Linear(in_features or self.hidden_size, out_features, bias=bias)
+        self.reset_normal(gate.weight)
+        if bias:
+            nn.init.zeros_(gate.bias)
+        return gate
+
+    def reset_normal(self, param: torch.Tensor, std: float | None = None) -> None:
+        gen = None
+        if self.seed is not None:
+            # One generator per call site would repeat numbers; advance by the tensor's size.
+            gen = getattr(self, "_init_gen", None)
+            if gen is None:
+                gen = self._init_gen = torch.Generator().manual_seed(int(self.seed))
+        with torch.no_grad():
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            param.copy_(values * (self.init_std if std is None else std))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [T, S'] for fp32 tokens x [T, d]."""
+        raise NotImplementedError
+
+    def select(self, logits: torch.Tensor):
+        """(experts [T, k], weights [T, k], probs [T, S]) from logits."""
+        return softmax_topk(logits, self.current_k())
+
+    def compute_aux_terms(self, out: RouterOutput) -> dict[str, torch.Tensor]:
+        return {
+            "balance": balance_loss(out.probs, out.experts, self.num_slots),
+            "z": z_loss(out.logits),
+        }
+
+    def extra_output(self, x: torch.Tensor, out: RouterOutput) -> torch.Tensor | None:
+        """Output of non-feed-forward experts (constant, copy), added to the layer output."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x: [T, d] in any dtype -> RouterOutput (fp32)."""
+        logits = self.scores(x.float())
+        experts, weights, probs = self.select(logits)
+        out = RouterOutput(experts=experts, weights=weights, probs=probs, logits=logits)
+        out.aux_terms = self.compute_aux_terms(out)
+        out.aux_loss = sum(self.coefs.get(name, 0.0) * term for name, term in out.aux_terms.items())
+        return out
+
+    def ffn_ids(self, experts: torch.Tensor) -> torch.Tensor:
+        """Map slot ids [T, k] to feed-forward expert ids (-1: no feed-forward expert)."""
+        table = getattr(self, "slot_to_ffn", None)  # buffer [S] on routers with extra slots
+        return experts if table is None else table[experts]
+
+    def extra_repr(self) -> str:
+        coefs = ", ".join(f"{k}_coef={v:g}" for k, v in self.coefs.items())
+        return f"name={self.name}, hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, {coefs}"
+
+
+def _check_positive_int(field_name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+
+
+def _check_coef(field_name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field_name} must be a number, got {value!r}") from None
+    if value < 0 or value != value:
+        raise ValueError(f"{field_name} must be >= 0, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- registry
+
+ROUTERS: dict[str, type[Router]] = {}
+ROUTER_ALIASES: dict[str, str] = {}
+
+
+def register_router(name: str, *, aliases: tuple[str, ...] = ()):
+    """Class decorator: make a Router subclass available under ``name`` (and aliases)."""
+
+    def wrap(cls: type[Router]) -> type[Router]:
+        if not (isinstance(cls, type) and issubclass(cls, Router)):
+            raise TypeError(f"@register_router('{name}') needs a Router subclass, got {cls!r}")
+        taken = [n for n in (name, *aliases) if n in ROUTERS or n in ROUTER_ALIASES]
+        if taken and ROUTERS.get(name) is not cls:
+            raise ValueError(f"router name(s) {taken} already registered")
+        cls.name = name
+        cls.aliases = tuple(aliases)
+        ROUTERS[name] = cls
+        for alias in aliases:
+            ROUTER_ALIASES[alias] = name
+        return cls
+
+    return wrap
+
+
+def resolve_router_name(name: str) -> str:
+    """Our name for ``name`` (ours or a LibMoE alias); unknown names list the known ones."""
+    if name in ROUTERS:
+        return name
+    if name in ROUTER_ALIASES:
+        return ROUTER_ALIASES[name]
+    known = ", ".join(sorted(ROUTERS))
+    aliases = ", ".join(f"{a}->{n}" for a, n in sorted(ROUTER_ALIASES.items()))
+    raise ValueError(f"unknown router {name!r}. Known routers: {known}. LibMoE aliases: {aliases}")
+
+
+def get_router_class(name: str) -> type[Router]:
+    return ROUTERS[resolve_router_name(name)]
