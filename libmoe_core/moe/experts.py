@@ -76,9 +76,17 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
-def grouped_mm_supported(x: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` is used by ``auto`` on CUDA for bf16 (where it is fast)."""
-    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+def grouped_mm_aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs 16-byte aligned rows and pointers."""
+    size = x.element_size()
+    return all(n * size % 16 == 0 for n in (x.shape[-1], weight.shape[-1], weight.shape[-2])) and all(
+        t.data_ptr() % 16 == 0 for t in (x, weight)
+    )
+
+
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """``auto`` picks ``torch._grouped_mm`` on CUDA for bf16 (where it is fast) when aligned."""
+    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_aligned(x, weight)
 
 
 def grouped_linear(
@@ -90,10 +98,16 @@ def grouped_linear(
 ) -> torch.Tensor:  # [S, out]
     """One grouped matrix product: each expert's rows times its own weight."""
     if impl == "auto":
-        impl = "grouped_mm" if grouped_mm_supported(x) else "loop"
+        impl = "grouped_mm" if grouped_mm_supported(x, weight) else "loop"
     if impl == "grouped_mm":
+        x = x.contiguous()
+        if not grouped_mm_aligned(x, weight):
+            raise ValueError(
+                f"impl='grouped_mm' needs feature sizes whose rows are multiples of 16 bytes; got in={x.shape[-1]}, "
+                f"out={weight.shape[-1]} in {x.dtype}. Use impl='auto' or 'loop'."
+            )
         offsets = torch.cumsum(counts, 0).to(torch.int32)
-        out = torch._grouped_mm(x.contiguous(), weight, offs=offsets)
+        out = torch._grouped_mm(x, weight, offs=offsets)
         out = _ContiguousGrad.apply(out)
         if bias is not None:
             out = out + torch.repeat_interleave(bias, counts, dim=0, output_size=x.shape[0])

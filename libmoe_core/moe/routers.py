@@ -271,6 +271,10 @@ class TCMoERouter(Router):
         return 2 * self.num_experts + self.top_k
 
     @property
+    def num_choices(self) -> int:
+        return self.num_experts  # k <= E, as for plain routers
+
+    @property
     def preserves_dense_output(self) -> bool:
         return False
 

@@ -1,0 +1,183 @@
+"""Grouped dispatch equals the per-token loop oracle (outputs and gradients), with edge cases."""
+
+import pytest
+import torch
+from torch import nn
+
+from libmoe_core.moe import ROUTERS, build_moe, grouped_linear
+from libmoe_core.moe.layer import capacity_mask
+from oracles import grads_of, loop_moe_forward
+
+IMPLS = ["loop", "grouped_mm"]
+
+
+def gated_mlp(d=16, h=24):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    return LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=h, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2))
+
+
+def plain_mlp(d=16, h=24, out=None):
+    return nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, out or d))
+
+
+def distinct_layer(router, e=4, k=2, impl="loop", mlp=None, **kw):
+    """An upcycled layer with noise, so every expert computes something different."""
+    layer = build_moe(mlp or gated_mlp(), router, e, k, noise=0.5, impl=impl, seed=3, **kw)
+    with torch.no_grad():  # larger router weights: routing decisions spread over experts
+        for p in layer.router.parameters():
+            if p.requires_grad and p.dim() == 2:
+                p.mul_(50)
+    return layer
+
+
+def assert_matches_oracle(layer, x, atol=1e-5):
+    y, grads, gx = grads_of(layer, x, layer)
+    y_ref, grads_ref, gx_ref = grads_of(layer, x, lambda t: loop_moe_forward(layer, t))
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=atol, rtol=1e-4)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=atol, rtol=1e-4, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_dispatch_matches_loop_oracle(router, impl):
+    layer = distinct_layer(router, impl=impl)
+    x = torch.randn(3, 5, 16)
+    assert_matches_oracle(layer, x)
+    assert len(set(layer.last_routing.experts.flatten().tolist())) > 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plain_experts_with_bias_and_projector_shape(impl):
+    layer = distinct_layer("smoe", mlp=plain_mlp(16, 24, out=8), impl=impl)
+    x = torch.randn(2, 6, 16)
+    assert layer(x).shape == (2, 6, 8)
+    assert_matches_oracle(layer, x)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_expert_receiving_no_tokens(impl):
+    layer = distinct_layer("smoe", e=4, k=2, impl=impl)
+    with torch.no_grad():
+        layer.router.gate.weight[3].fill_(0)
+        layer.router.gate.weight[3, 0] = -1e4  # expert 3 never wins
+    x = torch.randn(10, 16)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    assert_matches_oracle(layer, x)
+    assert 3 not in layer.last_routing.experts
+    layer(x).sum().backward()
+    assert torch.count_nonzero(layer.experts.w_in.grad[3]) == 0
+    assert torch.count_nonzero(layer.experts.w_in.grad[:3]) > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_tokens_on_one_expert(impl):
+    layer = distinct_layer("smoe", e=4, k=1, impl=impl)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[2, 0] = 1e3
+    x = torch.randn(9, 16)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    assert_matches_oracle(layer, x)
+    assert (layer.last_routing.experts == 2).all()
+    expected = layer.experts.expert_forward(2, x)
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_k_equals_e(impl):
+    layer = distinct_layer("smoe", e=4, k=4, impl=impl)
+    assert_matches_oracle(layer, torch.randn(6, 16))
+    assert (layer.last_routing.experts.sort(-1).values == torch.arange(4)).all()
+
+
+def test_k_greater_than_e_is_an_error():
+    with pytest.raises(ValueError, match="top_k=5"):
+        build_moe(gated_mlp(), "smoe", num_experts=4, top_k=5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_token_and_non_contiguous_input(impl):
+    layer = distinct_layer("sigmoid", impl=impl)
+    assert_matches_oracle(layer, torch.randn(1, 16))
+    assert layer(torch.randn(16)).shape == (16,)
+    wide = torch.randn(16, 6, 2)
+    x = wide.permute(2, 1, 0)  # [2, 6, 16], not contiguous
+    assert not x.is_contiguous()
+    assert_matches_oracle(layer, x)
+    torch.testing.assert_close(layer(x), layer(x.contiguous()))
+
+
+def test_layer_routing_record_shapes():
+    layer = distinct_layer("smoe", e=4, k=2)
+    layer(torch.randn(2, 3, 16))
+    r = layer.last_routing
+    assert r.experts.shape == (2, 3, 2) and r.weights.shape == (2, 3, 2) and r.probs.shape == (2, 3, 4)
+    assert r.aux_loss.requires_grad and set(r.aux_terms) == {"balance", "z"}
+
+
+def test_capacity_factor_drops_and_counts():
+    layer = distinct_layer("smoe", e=4, k=1, capacity_factor=0.5)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[1, 0] = 1e3
+    x = torch.randn(8, 16)
+    x[:, 0] = x[:, 0].abs() + 0.1
+    y = layer(x)
+    capacity = 1  # ceil(0.5 * 8 / 4)
+    assert layer.last_routing.dropped == 8 - capacity
+    kept = layer.experts.expert_forward(1, x[:1])
+    torch.testing.assert_close(y[:1], kept, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y[1:], torch.zeros_like(y[1:]))
+
+
+def test_capacity_mask_prefers_first_choices():
+    ids = torch.tensor([[0, 1], [0, 1], [1, 0]])
+    # capacity 2: expert 0 gets rank-0 slots of tokens 0, 1 then token 2's second choice is dropped
+    kept = capacity_mask(ids, 2, 2)
+    assert kept.tolist() == [[0, 1], [0, -1], [1, -1]]
+    # no drops without capacity pressure
+    assert torch.equal(capacity_mask(ids, 2, 3), ids)
+
+
+def test_grouped_linear_impls_agree_with_plain_matmul():
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, 8, requires_grad=True)
+    b = torch.randn(3, 8, requires_grad=True)
+    counts = torch.tensor([2, 0, 4])
+    x = torch.randn(6, 4, requires_grad=True)
+    expected = torch.cat([x[:2] @ w[0] + b[0], x[2:] @ w[2] + b[2]])
+    ex, ew, eb = torch.autograd.grad(expected.sum(), (x, w, b))
+    for impl in IMPLS:
+        out = grouped_linear(x, w, counts, b, impl)
+        torch.testing.assert_close(out, expected)
+        gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b))
+        torch.testing.assert_close(gx, ex)
+        torch.testing.assert_close(gw, ew)
+        torch.testing.assert_close(gb, eb)
+    with pytest.raises(ValueError, match="unknown grouped"):
+        grouped_linear(x, w, counts, b, "magic")
+    with pytest.raises(ValueError, match="multiples of 16 bytes"):
+        grouped_linear(torch.randn(6, 5), torch.randn(3, 5, 7), counts, None, "grouped_mm")
+    assert grouped_linear(torch.randn(6, 5), torch.randn(3, 5, 7), counts, None, "auto").shape == (6, 7)
+
+
+def test_dispatch_is_batch_invariant():
+    layer = distinct_layer("smoe")
+    x = torch.randn(4, 5, 16)
+    full = layer(x)
+    for i in range(4):
+        torch.testing.assert_close(layer(x[i : i + 1]), full[i : i + 1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_grouped_mm_on_cuda_bf16_matches_loop():
+    layer = distinct_layer("smoe", e=8, k=2, impl="grouped_mm").cuda().to(torch.bfloat16)
+    x = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    layer.experts.impl = "loop"
+    torch.testing.assert_close(y, layer(x), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,88 @@
+"""Sparse upcycling: experts copy the dense MLP, so the MoE output equals the dense output."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, Phi3Config, Qwen2Config, SiglipVisionConfig
+from transformers.models.clip.modeling_clip import CLIPMLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.phi3.modeling_phi3 import Phi3MLP
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+from transformers.models.siglip.modeling_siglip import SiglipMLP
+
+from libmoe_core.moe import ROUTERS, build_moe, get_router_class, read_dense_mlp
+
+D, H = 16, 40
+LM = dict(hidden_size=D, intermediate_size=H, num_attention_heads=2, num_key_value_heads=2)
+MLPS = {
+    "siglip": lambda: SiglipMLP(SiglipVisionConfig(hidden_size=D, intermediate_size=H, num_attention_heads=2)),
+    "clip": lambda: CLIPMLP(CLIPVisionConfig(hidden_size=D, intermediate_size=H, num_attention_heads=2)),
+    "phi3": lambda: Phi3MLP(Phi3Config(**LM)),
+    "llama": lambda: LlamaMLP(LlamaConfig(**LM)),
+    "qwen2": lambda: Qwen2MLP(Qwen2Config(**LM)),
+    "projector": lambda: nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)),
+}
+PRESERVING = sorted(n for n in ROUTERS if get_router_class(n)(D, 4, 2).preserves_dense_output)
+
+
+def randomise(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.2)
+    return module
+
+
+def test_preserving_routers_are_the_expected_ones():
+    assert set(PRESERVING) == {"smoe", "sigmoid", "cosine", "perturbed_cosine", "hyper", "xmoe", "shared", "shared_sigmoid", "auxfree"}
+
+
+@pytest.mark.parametrize("family", sorted(MLPS))
+@pytest.mark.parametrize("router", PRESERVING)
+def test_upcycled_output_equals_dense(router, family):
+    dense = randomise(MLPS[family]())
+    layer = build_moe(dense, router, num_experts=4, top_k=2, seed=11)
+    x = torch.randn(3, 6, D)
+    with torch.no_grad():
+        expected = dense(x)
+        for mode in (layer.train, layer.eval):
+            mode()
+            torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+            ffn = layer.router.ffn_ids(layer.last_routing.experts) >= 0
+            sums = (layer.last_routing.weights * ffn).sum(-1)
+            torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("router", sorted(set(ROUTERS) - set(PRESERVING)))
+def test_non_preserving_routers_really_change_the_output(router):
+    dense = randomise(MLPS["phi3"]())
+    layer = build_moe(dense, router, num_experts=4, top_k=2, seed=0)
+    with torch.no_grad():  # push mass onto the non-FFN / negative slots
+        for p in layer.router.parameters():
+            p.normal_(0, 2.0)
+        x = torch.randn(64, D)
+        assert not torch.allclose(layer(x), dense(x), atol=1e-3)
+
+
+def test_read_dense_mlp_layouts():
+    phi3 = randomise(MLPS["phi3"]())
+    spec = read_dense_mlp(phi3)
+    assert spec.gated and spec.w_in.shape == (D, 2 * H) and spec.w_out.shape == (H, D)
+    llama = randomise(MLPS["llama"]())
+    spec = read_dense_mlp(llama)
+    torch.testing.assert_close(spec.w_in[:, :H], llama.gate_proj.weight.t())
+    assert not read_dense_mlp(MLPS["siglip"]()).gated
+    with pytest.raises(TypeError, match="cannot upcycle Conv1d"):
+        build_moe(nn.Conv1d(2, 2, 1))
+
+
+def test_noise_makes_experts_differ_and_dtype_follows_dense():
+    dense = randomise(MLPS["phi3"]())
+    exact = build_moe(dense, num_experts=3)
+    assert all(torch.equal(exact.experts.w_in[0], exact.experts.w_in[i]) for i in range(3))
+    noisy = build_moe(dense, num_experts=3, noise=0.01, seed=1)
+    assert not torch.equal(noisy.experts.w_in[0], noisy.experts.w_in[1])
+    rel = (noisy.experts.w_in[0] - exact.experts.w_in[0]).std() / exact.experts.w_in[0].std()
+    assert 0.005 < rel.item() < 0.02
+    half = build_moe(randomise(MLPS["phi3"]()).to(torch.bfloat16), num_experts=2)
+    assert half.experts.w_in.dtype == torch.bfloat16 and half.router.gate.weight.dtype == torch.float32
+    assert half(torch.randn(2, D, dtype=torch.bfloat16)).dtype == torch.bfloat16
