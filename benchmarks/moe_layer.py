@@ -1,0 +1,172 @@
+"""Benchmark one MoE layer: ours vs transformers' experts vs a LibMoE-style loop vs dense.
+
+    python benchmarks/moe_layer.py [--json] [--quick] [--repeats N] [--out FILE]
+
+Gated experts (gate/up -> SiLU -> down), d=512, h=1024, E in {4, 8, 16, 64},
+k in {1, 2, 4}, tokens in {1024, 4096}. CPU fp32; on CUDA also bf16.
+Implementations (each includes its router, except ``dense``):
+  ours         libmoe_core MoELayer (smoe router; sorted grouped dispatch)
+  hf_eager     transformers MixtralSparseMoeBlock, experts_implementation="eager"
+  hf_grouped   transformers MixtralSparseMoeBlock, experts_implementation="grouped_mm"
+  libmoe_loop  LibMoE-style: ModuleList of experts, torch.where per expert, index_add_
+  dense        one dense MLP on tokens*k rows: the FLOP floor
+Timings are medians over ``--repeats`` after one warm-up; gradients are set to None
+between iterations as an optimiser's zero_grad does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from libmoe_core.moe import Experts, MoELayer, get_router_class
+
+D, H = 512, 1024
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.gate_up = nn.Linear(d, 2 * h, bias=False)
+        self.down = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class LibMoEStyleLoop(nn.Module):
+    """The dispatch style of LibMoE's layers: one module per expert, torch.where, index_add_."""
+
+    def __init__(self, d, h, e, k):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(d, e, bias=False)
+        self.experts = nn.ModuleList(GatedMLP(d, h) for _ in range(e))
+
+    def forward(self, x):
+        x = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(self.gate(x).float(), -1)
+        top, idx = probs.topk(self.k, -1)
+        top = (top / top.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = torch.where(idx == e)
+            if token.numel():
+                out.index_add_(0, token, top[token, slot, None] * expert(x[token]))
+        return out
+
+
+def build(impl: str, e: int, k: int, device, dtype):
+    if impl == "ours":
+        router = get_router_class("smoe")(D, e, k)
+        experts = Experts(e, D, H, D, gated=True, activation=nn.SiLU())
+        return MoELayer(router, experts).to(device=device, dtype=dtype)
+    if impl.startswith("hf_"):
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        cfg = MixtralConfig(hidden_size=D, intermediate_size=H, num_local_experts=e, num_experts_per_tok=k,
+                            num_attention_heads=8, num_key_value_heads=8)
+        cfg._experts_implementation = {"hf_eager": "eager", "hf_grouped": "grouped_mm"}[impl]
+        block = MixtralSparseMoeBlock(cfg)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0, D**-0.5)
+        return block.to(device=device, dtype=dtype)
+    if impl == "libmoe_loop":
+        return LibMoEStyleLoop(D, H, e, k).to(device=device, dtype=dtype)
+    if impl == "dense":
+        return GatedMLP(D, H).to(device=device, dtype=dtype)
+    raise ValueError(impl)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device, repeats: int) -> float:
+    fn()
+    sync(device)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(samples)
+
+
+def measure(impl, e, k, tokens, device, dtype, repeats):
+    torch.manual_seed(0)
+    module = build(impl, e, k, device, dtype)
+    rows = tokens * k if impl == "dense" else tokens
+    x = torch.randn(1, rows, D, device=device, dtype=dtype)
+    probe = torch.randn_like(x)
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def fwdbwd():
+        for p in module.parameters():
+            p.grad = None
+        xin = x.detach().requires_grad_(True)
+        (module(xin) * probe).sum().backward()
+
+    return time_ms(fwd, device, repeats), time_ms(fwdbwd, device, repeats)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    parser.add_argument("--quick", action="store_true", help="E in {4, 64}, k in {1, 4}, 1024 tokens only")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--impls", default="ours,hf_eager,hf_grouped,libmoe_loop,dense")
+    parser.add_argument("--tokens", default=None, help="comma-separated token counts (default 1024,4096)")
+    parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    args = parser.parse_args(argv)
+
+    experts_grid, k_grid = ([4, 64], [1, 4]) if args.quick else ([4, 8, 16, 64], [1, 2, 4])
+    token_grid = [int(t) for t in args.tokens.split(",")] if args.tokens else ([1024] if args.quick else [1024, 4096])
+    impls = args.impls.split(",")
+    setups = [(torch.device("cpu"), torch.float32)]
+    if torch.cuda.is_available():
+        setups.append((torch.device("cuda"), torch.bfloat16))
+
+    rows = []
+    for device, dtype in setups:
+        for tokens in token_grid:
+            for e in experts_grid:
+                for k in k_grid:
+                    if k > e:
+                        continue
+                    results = {impl: measure(impl, e, k, tokens, device, dtype, args.repeats) for impl in impls}
+                    dense_fb = results["dense"][1] if "dense" in results else float("nan")
+                    for impl, (fwd, fb) in results.items():
+                        row = dict(impl=impl, device=device.type, dtype=str(dtype).removeprefix("torch."), E=e, k=k,
+                                   tokens=tokens, fwd_ms=round(fwd, 2), fwdbwd_ms=round(fb, 2),
+                                   ratio_vs_dense=round(fb / dense_fb, 3))
+                        rows.append(row)
+                        if not args.json:
+                            print(f"{row['device']:>4} {row['dtype']:>8} T={tokens:<5} E={e:<3} k={k}  {impl:<12}"
+                                  f" fwd {fwd:8.1f} ms   fwd+bwd {fb:8.1f} ms   x{row['ratio_vs_dense']:.2f} dense", flush=True)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=1)
+        print()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
