@@ -371,6 +371,8 @@ class AuxFreeRouter(Router):
     @torch.no_grad()
     def on_step_end(self) -> None:
         load = self.load_counts
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)  # every rank applies the same update
         if load.sum() > 0:
             self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()

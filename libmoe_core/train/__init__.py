@@ -1,0 +1,1 @@
+"""Training: config, DeepSpeed launch, HF Trainer extensions, atomic checkpoints."""

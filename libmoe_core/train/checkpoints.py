@@ -1,0 +1,87 @@
+"""Atomic checkpoints: a checkpoint counts only once its completion marker exists.
+
+HF Trainer writes ``checkpoint-N/`` in several steps (weights, optimizer, RNG, trainer
+state). We write ``checkpoint-N/COMPLETE`` (atomically, by rename) only after every
+rank has finished, remove a stale marker before a save begins, resume only from a
+marked checkpoint, and rotate old checkpoints only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+MARKER = "COMPLETE"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def mark_complete(checkpoint: str | os.PathLike, step: int) -> None:
+    write_atomic(Path(checkpoint) / MARKER, json.dumps({"step": step, "time": time.time()}))
+
+
+def unmark(checkpoint: str | os.PathLike) -> None:
+    try:
+        (Path(checkpoint) / MARKER).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def checkpoints(root: str | os.PathLike) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) for every ``checkpoint-N`` under ``root``, by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _CKPT.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child, (child / MARKER).is_file()))
+    return sorted(found)
+
+
+def last_complete_checkpoint(root: str | os.PathLike) -> Path | None:
+    complete = [path for _, path, done in checkpoints(root) if done]
+    return complete[-1] if complete else None
+
+
+def rotate(root: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep`` and every incomplete one older
+    than the newest complete checkpoint. Returns what was removed."""
+    found = checkpoints(root)
+    complete = [path for _, path, done in found if done]
+    if not complete:
+        return []
+    newest_step = max(step for step, _, done in found if done)
+    doomed = complete[:-keep] if keep > 0 else []
+    doomed += [path for step, path, done in found if not done and step < newest_step]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a fully written folder into place; an old ``final`` is replaced."""
+    staging, final = Path(staging), Path(final)
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)

@@ -1,0 +1,207 @@
+"""Training configuration: stage defaults, a YAML file, ``--set key=value`` overrides, validation.
+
+Resolution order: the seed recipe's defaults for the stage (real presets) or the
+tiny-preset defaults, then the config file, then ``--set`` overrides. Every value is
+checked against its field's type; an unknown or ill-typed key is an error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+STAGES = ("pretrain", "pft", "sft")
+ZERO_STAGES = ("2", "3", "3-offload")
+DATA_POLICIES = ("error", "skip")
+PREVIOUS_STAGE = {"pretrain": None, "pft": "pretrain", "sft": "pft"}
+
+# The seed's recipe (LibMoE scripts): learning rate, global batch, ZeRO for each stage.
+SEED_RECIPE = {
+    "pretrain": dict(learning_rate=1e-3, global_batch_size=256, zero_stage="2"),
+    "pft": dict(learning_rate=2e-6, global_batch_size=24, zero_stage="3-offload"),
+    "sft": dict(learning_rate=4e-6, global_batch_size=32, zero_stage="3"),
+}
+# The tiny preset on 2 CPU cores: larger learning rates, small batches, ZeRO-2.
+TINY_RECIPE = {
+    "pretrain": dict(learning_rate=3e-3, global_batch_size=32, zero_stage="2", max_length=256),
+    "pft": dict(learning_rate=1e-3, global_batch_size=32, zero_stage="2", max_length=256),
+    "sft": dict(learning_rate=1e-3, global_batch_size=32, zero_stage="2", max_length=256),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training stage needs. Paths are strings so the config is plain YAML."""
+
+    stage: str = "sft"
+    preset: str = "tiny"
+    run_dir: str = "runs/default"
+    # data: "easyvqa" (the embedded dataset, built on first use) or a LLaVA-format JSON/JSONL path
+    dataset: str = "easyvqa"
+    image_folder: str | None = None
+    data_policy: str = "error"
+    max_samples: int | None = None
+    template: str | None = None
+    max_length: int = 2048
+    # model: the previous stage's final model unless given
+    init_from: str | None = None
+    # optimisation (seed defaults: 1 epoch, cosine, 3 % warmup, weight decay 0)
+    learning_rate: float = 4e-6
+    global_batch_size: int = 32
+    per_device_batch_size: int = 4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    # distribution
+    zero_stage: str = "2"
+    num_procs: int = 1
+    hostfile: str | None = None
+    # checkpoints and logging
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    dataloader_num_workers: int = 0
+    group_by_modality_length: bool = True
+    # MoE (sft stage): placements, router and sizes
+    router: str = "smoe"
+    num_experts: int = 4
+    top_k: int = 2
+    moe_vision: bool = True
+    moe_projector: bool = False
+    moe_llm_layers: typing.Any = None  # None | "all" | "every_other" | "second_half" | list[int]
+    balance_coef: float = 0.01
+    z_coef: float = 0.001
+    router_options: dict = field(default_factory=dict)
+
+    # ---- derived
+    @property
+    def stage_dir(self) -> Path:
+        return Path(self.run_dir) / self.stage
+
+    @property
+    def final_dir(self) -> Path:
+        return self.stage_dir / "final"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={self.global_batch_size} is not divisible by per_device_batch_size "
+                f"({self.per_device_batch_size}) x world size ({world_size}) = {per_step}; "
+                f"choose a global batch that is a multiple of {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+    def resolved_init_from(self) -> str | None:
+        """The model this stage starts from (None: built from the preset)."""
+        if self.init_from:
+            return self.init_from
+        previous = PREVIOUS_STAGE[self.stage]
+        return None if previous is None else str(Path(self.run_dir) / previous / "final")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value):
+    """Check ``value`` against the type of field ``name``; error names the field."""
+    if name not in _FIELDS:
+        known = ", ".join(sorted(_FIELDS))
+        raise ValueError(f"unknown training config key {name!r}; known keys: {known}")
+    hint = typing.get_type_hints(TrainConfig)[name]
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    if typing.Any in allowed:
+        return value
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if kind in (bool, dict) and isinstance(value, kind):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"training config key {name!r} must be {names}, got {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> dict; values parsed as YAML scalars/lists (``top_k=2``, ``moe_llm_layers=[0,2]``)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def resolve_config(stage: str, config_file: str | None = None, overrides: dict | None = None) -> TrainConfig:
+    """Stage defaults, then ``config_file``, then ``overrides``; validated."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
+    values: dict = {}
+    if config_file:
+        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config_file}: a training config must be a mapping of keys to values")
+        values.update(loaded)
+    values.update(overrides or {})
+    preset = values.get("preset", TrainConfig.preset)
+    defaults = dict(TINY_RECIPE if preset == "tiny" else SEED_RECIPE)[stage]
+    merged = {**defaults, **values, "stage": stage}
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Value checks beyond types; each error names the field."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    if cfg.zero_stage not in ZERO_STAGES:
+        raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {cfg.zero_stage!r}")
+    if cfg.data_policy not in DATA_POLICIES:
+        raise ValueError(f"data_policy must be one of {DATA_POLICIES}, got {cfg.data_policy!r}")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
+    for name in ("learning_rate", "global_batch_size", "per_device_batch_size", "num_procs", "num_experts", "top_k",
+                 "logging_steps", "save_steps", "max_length"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        raise ValueError(f"max_steps must be -1 (whole epochs) or > 0, got {cfg.max_steps!r}")
+    if cfg.top_k > cfg.num_experts:
+        raise ValueError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
+    from ..moe import resolve_router_name
+
+    resolve_router_name(cfg.router)
+    cfg.gradient_accumulation_steps(cfg.num_procs)

@@ -1,0 +1,96 @@
+"""Launch a training stage as a DeepSpeed subprocess and stream its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import deque
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from .config import TrainConfig
+
+ZERO_CONFIG_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_offload.json"}
+TRAIN_ENTRY = Path(__file__).resolve().parents[2] / "runners" / "train.py"
+
+
+class TrainingFailed(RuntimeError):
+    """The training subprocess exited non-zero; ``tail`` holds its last output lines."""
+
+    def __init__(self, returncode: int, log_path: Path, tail: list[str]):
+        self.returncode, self.log_path, self.tail = returncode, log_path, tail
+        last = "".join(tail[-40:])
+        super().__init__(f"training exited with code {returncode}; full log: {log_path}\n--- last lines ---\n{last}")
+
+
+def deepspeed_config(zero_stage: str) -> dict:
+    """The shipped DeepSpeed config for ``2``, ``3`` or ``3-offload`` (HF fills the "auto" values)."""
+    if zero_stage not in ZERO_CONFIG_FILES:
+        raise ValueError(f"zero stage must be one of {sorted(ZERO_CONFIG_FILES)}, got {zero_stage!r}")
+    text = resources.files("libmoe_core.train").joinpath("ds_configs", ZERO_CONFIG_FILES[zero_stage]).read_text()
+    return json.loads(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(num_procs: int) -> dict:
+    """Environment for the launcher: CPU accelerator without CUDA, threads split over processes."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if not has_cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_procs)))
+    return env
+
+
+def build_command(cfg: TrainConfig, config_path: Path, resume: bool = False) -> list[str]:
+    """The ``deepspeed`` launcher command for one stage (a hostfile is passed through)."""
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    cmd = [launcher]
+    if cfg.hostfile:
+        cmd += ["--hostfile", cfg.hostfile]
+    else:
+        cmd += ["--num_gpus", str(cfg.num_procs)]
+    cmd += ["--master_port", str(free_port()), str(TRAIN_ENTRY), "--config", str(config_path)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None] | None = None) -> Path:
+    """Write the resolved config, run the stage, stream lines to ``on_line`` and ``train.log``.
+
+    Returns the stage's final model folder; raises :class:`TrainingFailed` on failure.
+    """
+    stage_dir = cfg.stage_dir
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    config_path = stage_dir / "config.yaml"
+    cfg.save(config_path)
+    log_path = stage_dir / "train.log"
+    tail: deque[str] = deque(maxlen=200)
+    emit = on_line or (lambda line: print(line, end="", flush=True))
+    with open(log_path, "a") as log, subprocess.Popen(
+        build_command(cfg, config_path, resume), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=launch_env(cfg.num_procs), start_new_session=True, bufsize=1,
+    ) as proc:
+        for line in proc.stdout:
+            log.write(line)
+            tail.append(line)
+            emit(line)
+        rc = proc.wait()
+    if rc != 0 or not (cfg.final_dir / "config.json").is_file():
+        raise TrainingFailed(rc, log_path, list(tail))
+    return cfg.final_dir

@@ -1,0 +1,121 @@
+"""HF Trainer, extended through its hooks: loss components, tokens/s, router schedule,
+modality-grouped sampling and atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer, TrainerCallback
+
+from ..data.sampler import ModalityLengthGroupedSampler
+from ..moe import moe_layers, routers_step_end, set_router_step
+from . import checkpoints
+
+MODEL_INPUT_SKIP = ("ids",)  # collator keys that are bookkeeping, not model inputs
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class MoETrainer(Trainer):
+    """Adds to each training log: ``lm_loss``, every auxiliary term the model reports
+    (``aux/<placement>/<term>``), ``tokens_per_s`` and the hyper router's ``hyper_k``."""
+
+    def __init__(self, *args, modality_lengths: list[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.modality_lengths = modality_lengths
+        self._sums: dict[str, float] = defaultdict(float)
+        self._micro_steps = 0
+        self._tokens = 0
+        self._window_start = time.perf_counter()
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.modality_lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        # LLaVA's grouping: a mega-batch feeds every rank for every accumulation step.
+        return ModalityLengthGroupedSampler(
+            self.modality_lengths, self.args.per_device_train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps, seed=self.args.seed,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k not in MODEL_INPUT_SKIP}
+        outputs = model(**inputs)
+        with torch.no_grad():
+            if getattr(outputs, "lm_loss", None) is not None:
+                self._sums["lm_loss"] += float(outputs.lm_loss)
+            for name, value in (getattr(outputs, "aux_losses", None) or {}).items():
+                self._sums[f"aux/{name}"] += float(value)
+            self._micro_steps += 1
+            self._tokens += int(inputs["attention_mask"].sum())
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs and self._micro_steps:
+            for name, total in self._sums.items():
+                logs[name] = total / self._micro_steps
+            tokens = torch.tensor(float(self._tokens))
+            if dist.is_initialized():
+                dist.all_reduce(tokens)
+            logs["tokens_per_s"] = tokens.item() / max(time.perf_counter() - self._window_start, 1e-9)
+            ks = [m.router.current_k() for _, m in moe_layers(self.model) if hasattr(m.router, "k_min")]
+            if ks:
+                logs["hyper_k"] = ks[0]
+            self._sums.clear()
+            self._micro_steps = self._tokens = 0
+            self._window_start = time.perf_counter()
+        super().log(logs, start_time)
+
+
+class RouterScheduleCallback(TrainerCallback):
+    """Drives router state from the trainer: the hyper router's k(t), auxfree's bias updates."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            set_router_step(model, state.global_step, state.max_steps)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            routers_step_end(model)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log (one JSON object per line) to ``metrics.jsonl`` on the main process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class AtomicCheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete only after every rank wrote it, then rotates old ones."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save and _is_main():
+            checkpoints.unmark(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        _barrier()
+        if _is_main():
+            checkpoints.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+            checkpoints.rotate(args.output_dir, self.keep)
+        _barrier()
