@@ -39,6 +39,7 @@ class TrainConfig:
     """Everything one training stage needs. Paths are strings so the config is plain YAML."""
 
     stage: str = "sft"
+    stage_tag: str | None = None  # e.g. the router, to keep several sft runs side by side
     preset: str = "tiny"
     run_dir: str = "runs/default"
     # data: "easyvqa" (the embedded dataset, built on first use) or a LLaVA-format JSON/JSONL path
@@ -87,7 +88,7 @@ class TrainConfig:
     # ---- derived
     @property
     def stage_dir(self) -> Path:
-        return Path(self.run_dir) / self.stage
+        return Path(self.run_dir) / (self.stage if not self.stage_tag else f"{self.stage}-{self.stage_tag}")
 
     @property
     def final_dir(self) -> Path:

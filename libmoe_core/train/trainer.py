@@ -17,6 +17,7 @@ from ..moe import moe_layers, routers_step_end, set_router_step
 from . import checkpoints
 
 MODEL_INPUT_SKIP = ("ids",)  # collator keys that are bookkeeping, not model inputs
+PROGRESS_PREFIX = "[libmoe-progress] "  # machine-readable progress lines for notebooks
 
 
 def _is_main() -> bool:
@@ -119,3 +120,13 @@ class AtomicCheckpointCallback(TrainerCallback):
             checkpoints.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
             checkpoints.rotate(args.output_dir, self.keep)
         _barrier()
+
+
+class ProgressLineCallback(TrainerCallback):
+    """Prints one ``[libmoe-progress] {json}`` line per log, parsed by notebooks for their progress bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "loss" in logs:
+            record = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs.get("loss"),
+                      "lm_loss": logs.get("lm_loss"), "tokens_per_s": logs.get("tokens_per_s")}
+            print(PROGRESS_PREFIX + json.dumps(record), flush=True)

@@ -1,0 +1,1 @@
+"""Notebook-first pipeline: stage parameters, progress, plots, and the papermill runner."""
