@@ -23,6 +23,12 @@ PARAMETER_KEYS = {
 NON_CONFIG_PARAMETERS = {"run_name", "runs_root", "stage_tag", "resume"}
 
 
+def notebook_parameters(namespace: dict) -> dict:
+    """The stage parameters found in a notebook's namespace (its ``parameters`` cell)."""
+    names = set(PARAMETER_KEYS) | NON_CONFIG_PARAMETERS - {"resume"}
+    return {k: namespace[k] for k in names if k in namespace}
+
+
 def stage_config(stage: str, **params) -> TrainConfig:
     """Validated config for ``stage`` from notebook parameters; errors name the bad parameter."""
     unknown = sorted(set(params) - set(PARAMETER_KEYS) - NON_CONFIG_PARAMETERS)
@@ -32,8 +38,9 @@ def stage_config(stage: str, **params) -> TrainConfig:
     if not isinstance(run_name, str) or "/" in run_name:
         raise ValueError(f"parameter 'run_name' must be a folder name, got {run_name!r}")
     overrides = {"run_dir": str(Path(params.get("runs_root") or "runs") / run_name)}
-    if params.get("stage_tag"):
-        overrides["stage_tag"] = params["stage_tag"]
+    tag = params.get("stage_tag") or (params.get("router") if stage == "sft" else None)
+    if tag:
+        overrides["stage_tag"] = tag  # several sft runs (one per router) live side by side
     for name, key in PARAMETER_KEYS.items():
         if params.get(name) is not None:
             overrides[key] = params[name]

@@ -1,0 +1,80 @@
+"""Lazy LLaVA-format dataset: records in memory, images opened only in ``__getitem__``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .records import LoadResult, Record, read_records
+from .validate import Report, apply_policy, check_records, image_path
+
+
+class LLaVADataset(Dataset):
+    """Samples ``{"id", "conversations", "images": [PIL.Image RGB], "record"}``.
+
+    Build it with :meth:`from_files` (validates and applies the data policy) or directly
+    from already checked :class:`Record` objects / plain dicts.
+    """
+
+    def __init__(self, records: list[Record] | list[dict], image_folder: str | Path | None = None,
+                 image_length: int = 576):
+        self.records = [r if isinstance(r, Record) else Record(r, "<memory>", i) for i, r in enumerate(records)]
+        self.image_folder = image_folder
+        self.image_length = image_length  # tokens one image adds, for the length estimate
+        self.report: Report | None = None
+
+    @classmethod
+    def from_files(cls, paths: str | Path | list[str | Path], image_folder: str | Path | None = None, *,
+                   policy: str = "error", check_image_files: bool = True, decode: bool = False, tokenizer=None,
+                   template: str | None = None, max_length: int | None = None, num_image_tokens: int = 1,
+                   image_length: int | None = None, logger: logging.Logger | None = None) -> LLaVADataset:
+        """Read, validate (see :func:`~libmoe_core.data.validate.check_records`) and apply ``policy``."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        loaded = LoadResult()
+        for p in paths:
+            one = read_records(p)
+            loaded.records += one.records
+            loaded.problems += one.problems
+        report = Report([str(p) for p in paths], len(loaded.records), list(loaded.problems))
+        report.problems += check_records(loaded.records, image_folder, check_image_files=check_image_files,
+                                         decode=decode, tokenizer=tokenizer, template=template,
+                                         max_length=max_length, num_image_tokens=num_image_tokens)
+        kept = apply_policy(loaded, report, policy, logger)
+        if image_length is None:
+            image_length = num_image_tokens if num_image_tokens > 1 else 576
+        ds = cls(kept, image_folder, image_length)
+        ds.report = report
+        return ds
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        rec = self.records[i]
+        images = []
+        for rel in rec.images:
+            path = image_path(self.image_folder, rel)
+            try:
+                with Image.open(path) as im:
+                    images.append(im.convert("RGB"))
+            except Exception as e:
+                raise OSError(f"{rec.file}: record {rec.id!r}: cannot read image {path}: {e}") from e
+        return {"id": rec.id, "conversations": rec.conversations, "images": images, "record": rec.data}
+
+    @property
+    def lengths(self) -> list[int]:
+        """Rough length of each sample: words of all turns plus ``image_length`` per image."""
+        return [_words(r) + self.image_length * len(r.images) for r in self.records]
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """``lengths`` signed by modality: positive with images, negative for text-only samples."""
+        return [n if r.images else -n for n, r in zip(self.lengths, self.records)]
+
+
+def _words(rec: Record) -> int:
+    return max(1, sum(len(str(t.get("value", t.get("content", ""))).split()) for t in rec.conversations))

@@ -1,0 +1,255 @@
+"""Dataset manifests (``data_manifests/*.yaml``): what to download, where it goes, what to expect.
+
+A manifest names its downloads (a Hugging Face hub file or pattern, or a plain URL, or
+a manual step), the annotation files with their expected record counts, the image
+folder the annotations' paths are relative to, and the folder layout. All paths are
+relative to a data root chosen by the user. ``verify`` checks a local copy;
+``prepare`` downloads (online) or says exactly what to fetch (offline).
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .records import read_records
+from .validate import image_problem
+
+MANIFEST_DIR = Path(__file__).resolve().parents[2] / "data_manifests"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be found or parsed."""
+
+
+class PrepareError(RuntimeError):
+    """Downloading is impossible (offline, manual source, network failure); says what to fetch."""
+
+
+@dataclass
+class Manifest:
+    name: str
+    path: Path
+    data: dict
+
+    @property
+    def downloads(self) -> list[dict]:
+        return list(self.data.get("downloads") or [])
+
+    @property
+    def annotations(self) -> list[dict]:
+        return list(self.data.get("annotations") or [])
+
+    @property
+    def layout(self) -> list[dict]:
+        return list(self.data.get("layout") or [])
+
+    @property
+    def requires(self) -> list[str]:
+        return list(self.data.get("requires") or [])
+
+    @property
+    def image_folder(self) -> str:
+        return self.data.get("image_folder", ".")
+
+
+def list_manifests(directory: Path = MANIFEST_DIR) -> list[str]:
+    """Names of the manifests shipped in ``data_manifests/``."""
+    return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def load_manifest(name_or_path: str | Path, directory: Path = MANIFEST_DIR) -> Manifest:
+    """A manifest by name (``data_manifests/NAME.yaml``) or by file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = directory / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ManifestError(f"no manifest {name_or_path!r}; known: {', '.join(list_manifests(directory))}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ManifestError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict) or "name" not in data:
+        raise ManifestError(f"{path}: a manifest is a mapping with at least 'name'")
+    return Manifest(str(data["name"]), path, data)
+
+
+# -- verify ------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    manifest: str
+    root: str
+    checks: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def format(self, limit: int | None = 50) -> str:
+        lines = [f"verify {self.manifest} under {self.root}: " + ("OK" if self.ok else f"{len(self.problems)} problems")]
+        lines += [f"  ok: {c}" for c in self.checks]
+        shown = self.problems if limit is None else self.problems[:limit]
+        lines += [f"  FAIL: {p}" for p in shown]
+        if len(shown) < len(self.problems):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more")
+        return "\n".join(lines)
+
+
+def _count_files(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file())
+
+
+def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int | None = None,
+                    decode: bool = False) -> VerifyReport:
+    """Check layout, annotation files and record counts, and the images the records reference.
+
+    Every referenced image must exist; ``image_sample`` limits how many are also opened
+    (``None``: all). Required manifests are not verified here; verify them by name.
+    """
+    root = Path(root)
+    rep = VerifyReport(manifest.name, str(root))
+    for entry in manifest.layout:
+        p = root / entry["path"]
+        kind = entry.get("kind", "dir")
+        if kind == "file":
+            if p.is_file():
+                rep.checks.append(f"file {entry['path']}")
+            else:
+                rep.problems.append(f"missing file {entry['path']} ({p})")
+            continue
+        if not p.is_dir():
+            rep.problems.append(f"missing folder {entry['path']} ({p})")
+            continue
+        n = _count_files(p)
+        if "files" in entry and n != entry["files"]:
+            rep.problems.append(f"folder {entry['path']}: {n} files, expected {entry['files']}")
+        elif "min_files" in entry and n < entry["min_files"]:
+            rep.problems.append(f"folder {entry['path']}: {n} files, expected at least {entry['min_files']}")
+        else:
+            rep.checks.append(f"folder {entry['path']} ({n} files)")
+    image_root = root / manifest.image_folder
+    for ann in manifest.annotations:
+        path = root / ann["file"]
+        if not path.is_file():
+            rep.problems.append(f"missing annotation file {ann['file']} ({path})")
+            continue
+        loaded = read_records(path)
+        rep.problems += [str(p) for p in loaded.problems]
+        n, expected = len(loaded.records), ann.get("records")
+        if expected is not None and n != expected:
+            rep.problems.append(f"{ann['file']}: {n} records, expected {expected}")
+        else:
+            rep.checks.append(f"{ann['file']}: {n} records" + ("" if expected is not None else " (no expected count)"))
+        refs: dict[str, object] = {}
+        for rec in loaded.records:
+            for rel in rec.images:
+                refs.setdefault(rel, rec)
+        opened = 0
+        for rel, rec in refs.items():
+            p = image_root / rel
+            if not p.is_file():
+                rep.problems.append(f"{ann['file']} record {rec.id!r}: image not found: {rel}")
+                continue
+            if image_sample is None or opened < image_sample:
+                opened += 1
+                msg = image_problem(p, decode)
+                if msg:
+                    rep.problems.append(f"{ann['file']} record {rec.id!r}: {msg}")
+        rep.checks.append(f"{ann['file']}: {len(refs)} distinct images referenced, all present or reported "
+                          f"({opened} opened)")
+    return rep
+
+
+# -- prepare -----------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def describe_download(d: dict) -> str:
+    """One line saying what to fetch and where to put it."""
+    where = d.get("unpack_to") or d.get("target_dir") or "."
+    if "repo_id" in d:
+        what = d.get("filename") or f"files matching {d.get('allow_patterns')}"
+        src = f"hub {d.get('repo_type', 'dataset')} {d['repo_id']}: {what}"
+    elif "url" in d:
+        src = d["url"]
+    else:
+        src = f"manual: {d.get('manual', 'see manifest notes')}"
+    return f"{src} -> <root>/{where}" + (" (unzip)" if d.get("unpack_to") else "")
+
+
+def prepare_manifest(manifest: Manifest, root: str | Path, *, with_requirements: bool = True,
+                     directory: Path | None = None) -> list[Path]:
+    """Download (and unzip) everything a manifest lists into ``root``.
+
+    Offline (``HF_HUB_OFFLINE=1``) or for manual sources this raises :class:`PrepareError`
+    listing exactly what to fetch and where.
+    """
+    root = Path(root)
+    if manifest.data.get("builder") == "easyvqa":
+        from .easyvqa import build_easyvqa
+
+        build_easyvqa(root)
+        return [root]
+    manifests = [manifest]
+    if with_requirements:
+        d = directory or manifest.path.parent
+        manifests = [load_manifest(r, d) for r in manifest.requires] + manifests
+    todo = [(m, d) for m in manifests for d in m.downloads]
+    after = f"\nthen run: libmoe data verify {manifest.name} --root {root}"
+    if _offline():
+        lines = [f"{m.name}: {describe_download(d)}" for m, d in todo]
+        raise PrepareError(f"cannot download {manifest.name}: offline (HF_HUB_OFFLINE=1). Fetch these into {root}:\n  "
+                           + "\n  ".join(lines) + after)
+    written = []
+    for m, d in todo:
+        if "repo_id" not in d and "url" not in d:
+            continue
+        try:
+            written += _download(d, root)
+        except Exception as e:
+            raise PrepareError(f"{m.name}: failed to fetch {describe_download(d)}: {type(e).__name__}: {e}") from e
+    manual = [f"{m.name}: {describe_download(d)}" for m, d in todo if "repo_id" not in d and "url" not in d]
+    if manual:
+        raise PrepareError(f"{manifest.name}: downloaded what could be; these need a manual step into {root}:\n  "
+                           + "\n  ".join(manual) + after)
+    return written
+
+
+def _download(d: dict, root: Path) -> list[Path]:
+    staging = root / ".downloads"
+    staging.mkdir(parents=True, exist_ok=True)
+    if "repo_id" in d:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        kind = d.get("repo_type", "dataset")
+        if d.get("filename"):
+            local_dir = staging if d.get("unpack_to") else root / d.get("target_dir", ".")
+            files = [Path(hf_hub_download(d["repo_id"], d["filename"], repo_type=kind, local_dir=local_dir))]
+        else:
+            snap = Path(snapshot_download(d["repo_id"], repo_type=kind, allow_patterns=d["allow_patterns"],
+                                          local_dir=staging if d.get("unpack_to") else root))
+            files = sorted(p for p in snap.rglob("*") if p.is_file())
+    else:
+        import urllib.request
+
+        files = [staging / Path(d["url"]).name]
+        urllib.request.urlretrieve(d["url"], files[0])
+    if not d.get("unpack_to"):
+        return files
+    dest = root / d["unpack_to"]
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if f.suffix == ".zip":
+            with zipfile.ZipFile(f) as z:
+                z.extractall(dest)
+    return [dest]
