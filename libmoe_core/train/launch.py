@@ -75,6 +75,10 @@ def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None
 
     Returns the stage's final model folder; raises :class:`TrainingFailed` on failure.
     """
+    from .stages import check_init_model, dataset_files
+
+    check_init_model(cfg)  # fail before starting processes
+    dataset_files(cfg)  # builds the embedded dataset once, here, before any rank needs it
     stage_dir = cfg.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = stage_dir / "config.yaml"

@@ -30,8 +30,9 @@ def _barrier() -> None:
 
 
 class MoETrainer(Trainer):
-    """Adds to each training log: ``lm_loss``, every auxiliary term the model reports
-    (``aux/<placement>/<term>``), ``tokens_per_s`` and the hyper router's ``hyper_k``."""
+    """Adds to each training log: ``lm_loss``, every auxiliary loss the model reports
+    (``aux/<placement>/<term>``, weighted as in the loss; ``router/<placement>/<term>``
+    unweighted), ``tokens_per_s`` and the hyper router's ``hyper_k``."""
 
     def __init__(self, *args, modality_lengths: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -52,12 +53,16 @@ class MoETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k not in MODEL_INPUT_SKIP}
+        if not self._micro_steps:  # the tokens/s window opens at its first micro-step
+            self._window_start = time.perf_counter()
         outputs = model(**inputs)
         with torch.no_grad():
             if getattr(outputs, "lm_loss", None) is not None:
                 self._sums["lm_loss"] += float(outputs.lm_loss)
             for name, value in (getattr(outputs, "aux_losses", None) or {}).items():
-                self._sums[f"aux/{name}"] += float(value)
+                self._sums[f"aux/{name}"] += float(value)  # coefficient-weighted, as in the loss
+            for name, value in (getattr(outputs, "aux_terms", None) or {}).items():
+                self._sums[f"router/{name}"] += float(value)  # unweighted (balance = 1 when even)
             self._micro_steps += 1
             self._tokens += int(inputs["attention_mask"].sum())
         return (outputs.loss, outputs) if return_outputs else outputs.loss

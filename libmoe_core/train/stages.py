@@ -1,0 +1,111 @@
+"""The seed's stage rules: which model each stage starts from, what it trains, on which data.
+
+pretrain: dense model from the preset, projector only (vision tower and LLM frozen).
+pft:      the pretrain model, everything trains.
+sft:      the pft model, upcycled to MoE (placements, router, experts, k from the config),
+          everything trains including the routers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+EASYVQA_FILES = {"pretrain": "easyvqa_caption_train.json", "pft": "easyvqa_caption_train.json", "sft": "easyvqa_qa_train.json"}
+STAGE_TEMPLATE = {"pretrain": "plain"}  # other stages use the processor's chat template
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIBMOE_CACHE", Path.home() / ".cache" / "libmoe"))
+
+
+def easyvqa_dir() -> Path:
+    """The embedded dataset, built once from the easy-vqa package (offline)."""
+    from ..data.easyvqa import build_easyvqa
+
+    root = cache_dir() / "easyvqa"
+    if not (root / "easyvqa_meta.json").is_file():  # build aside, then move into place
+        staging = root.with_name(f"easyvqa.tmp-{os.getpid()}")
+        build_easyvqa(staging)
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staging, root)
+    return root
+
+
+def dataset_files(cfg: TrainConfig) -> tuple[Path, Path | None]:
+    """(annotation file, image folder) of the stage's data."""
+    if cfg.dataset == "easyvqa":
+        root = easyvqa_dir()
+        return root / EASYVQA_FILES[cfg.stage], root / "images"
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset: no such file {path} (give 'easyvqa' or a LLaVA-format JSON/JSONL file)")
+    return path, Path(cfg.image_folder) if cfg.image_folder else None
+
+
+def stage_template(cfg: TrainConfig, processor) -> str:
+    return cfg.template or STAGE_TEMPLATE.get(cfg.stage, processor.template)
+
+
+def training_dtype(cfg: TrainConfig) -> torch.dtype:
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_init_model(cfg: TrainConfig) -> str | None:
+    """The model folder this stage starts from (None: the preset); a clear error if it is missing."""
+    source = cfg.resolved_init_from()
+    if source is not None and not (Path(source) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{cfg.stage} starts from {source}, which holds no model: run the previous stage first "
+            f"or set init_from to a saved model folder"
+        )
+    return source
+
+
+def load_stage_model(cfg: TrainConfig):
+    """(model, processor) for the stage, with the stage's trainable parameters set."""
+    from ..model import LibMoEVLMForCausalLM
+    from ..model.placement import upcycle
+    from ..model.presets import build_model, build_processor
+    from ..model.processor import LibMoEProcessor
+
+    source = check_init_model(cfg)
+    if source is None:
+        model = build_model(cfg.preset, seed=cfg.seed)
+        processor = build_processor(cfg.preset)
+    else:
+        model = LibMoEVLMForCausalLM.from_pretrained(source, dtype=torch.float32)
+        processor = LibMoEProcessor.from_pretrained(source)
+    if cfg.stage == "sft" and not model.config.moe:
+        upcycle(
+            model, moe_vision=cfg.moe_vision or None, moe_projector=cfg.moe_projector or None,
+            moe_llm_layers=cfg.moe_llm_layers, router=cfg.router, num_experts=cfg.num_experts, top_k=cfg.top_k,
+            balance_coef=cfg.balance_coef, z_coef=cfg.z_coef, router_options=dict(cfg.router_options), seed=cfg.seed,
+        )
+        if not model.config.moe:
+            raise ValueError("sft needs at least one MoE placement: set moe_vision, moe_projector or moe_llm_layers")
+    set_trainable(model, cfg.stage)
+    return model.to(training_dtype(cfg)), processor
+
+
+def set_trainable(model, stage: str) -> None:
+    """pretrain: projector only; pft and sft: everything (routers' frozen parts stay frozen)."""
+    if stage == "pretrain":
+        model.requires_grad_(False)
+        model.projector.requires_grad_(True)
+        return
+    for name, param in model.named_parameters():
+        param.requires_grad_(".hypernet." not in name)  # the hyper router's hypernetwork is frozen by design
+
+
+def trainable_summary(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total_params": total, "trainable_params": trainable}

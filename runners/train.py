@@ -1,0 +1,135 @@
+"""DeepSpeed entry point of one training stage.
+
+Launched by ``libmoe train`` (``libmoe_core.train.launch``) as
+``deepspeed --num_gpus N runners/train.py --config RUN/STAGE/config.yaml [--resume]``.
+Writes ``metrics.jsonl``, TensorBoard events (``tb/``), checkpoints (``checkpoints/``,
+each marked ``COMPLETE`` once every rank wrote it) and the final HF model + processor
+(``final/``, moved into place only when complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+    return parser.parse_known_args(argv)[0]
+
+
+def training_arguments(cfg, world_size: int):
+    from transformers import TrainingArguments
+
+    from libmoe_core.train.launch import deepspeed_config
+    from libmoe_core.train.stages import training_dtype
+
+    on_cpu = not torch.cuda.is_available()
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.stage_dir / "tb"))
+    return TrainingArguments(
+        output_dir=str(cfg.checkpoint_dir),
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps(world_size),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=None,  # rotation happens after a checkpoint is marked complete
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=training_dtype(cfg) == torch.bfloat16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        remove_unused_columns=False,
+        report_to=["tensorboard"],
+        deepspeed=deepspeed_config(cfg.zero_stage),
+        use_cpu=on_cpu,
+        ddp_backend="gloo" if on_cpu else None,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("libmoe.train")
+
+    from libmoe_core.data.collator import VLMCollator
+    from libmoe_core.data.dataset import LLaVADataset
+    from libmoe_core.moe import MoELayer
+    from libmoe_core.train import checkpoints
+    from libmoe_core.train.config import TrainConfig, validate
+    from libmoe_core.train.stages import dataset_files, load_stage_model, stage_template, trainable_summary
+    from libmoe_core.train.trainer import (
+        AtomicCheckpointCallback, MetricsFileCallback, MoETrainer, ProgressLineCallback, RouterScheduleCallback,
+    )
+
+    cfg = TrainConfig(**yaml.safe_load(Path(args.config).read_text()))
+    validate(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(cfg.seed)
+
+    model, processor = load_stage_model(cfg)
+    if cfg.zero_stage.startswith("3") and any(isinstance(m, MoELayer) for m in model.modules()):
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [MoELayer])  # gather a whole MoE layer at once under ZeRO-3
+    template = stage_template(cfg, processor)
+    annotations, image_folder = dataset_files(cfg)
+    dataset = LLaVADataset.from_files(
+        annotations, image_folder, policy=cfg.data_policy, tokenizer=processor.tokenizer, template=template,
+        max_length=cfg.max_length, num_image_tokens=processor.num_image_tokens, logger=log,
+    )
+    if cfg.max_samples is not None:
+        dataset.records = dataset.records[: cfg.max_samples]
+    collator = VLMCollator(
+        processor.tokenizer, template, lambda image: processor.preprocess_images([image])[0],
+        processor.image_token_id, processor.num_image_tokens, max_length=cfg.max_length,
+        pad_token_id=processor.pad_token_id,
+    )
+    if rank == 0:
+        log.info("stage %s: %s, %d samples from %s, template %s", cfg.stage, trainable_summary(model), len(dataset),
+                 annotations, template)
+
+    trainer = MoETrainer(
+        model=model, args=training_arguments(cfg, world_size), train_dataset=dataset, data_collator=collator,
+        modality_lengths=dataset.modality_lengths if cfg.group_by_modality_length else None,
+        callbacks=[RouterScheduleCallback(), MetricsFileCallback(cfg.stage_dir / "metrics.jsonl"),
+                   ProgressLineCallback(), AtomicCheckpointCallback(cfg.save_total_limit)],
+    )
+    resume_from = None
+    if args.resume:
+        resume_from = checkpoints.last_complete_checkpoint(cfg.checkpoint_dir)
+        if rank == 0:
+            log.info("resuming from %s", resume_from or "the start (no complete checkpoint)")
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    staging = cfg.stage_dir / ".final-staging"
+    trainer.save_model(str(staging))  # gathers ZeRO-3 shards into full HF weights
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(staging)
+        checkpoints.publish_dir(staging, cfg.final_dir)
+        log.info("final model: %s", cfg.final_dir)
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
