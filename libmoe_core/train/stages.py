@@ -78,6 +78,7 @@ def load_stage_model(cfg: TrainConfig):
 
     source = check_init_model(cfg)
     if source is None:
+        torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
         model = build_model(cfg.preset, seed=cfg.seed)
         processor = build_processor(cfg.preset)
     else:
