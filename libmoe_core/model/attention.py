@@ -1,0 +1,41 @@
+"""Choose the attention implementation: flash_attention_2 > sdpa > eager."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+
+
+def sdpa_available() -> bool:
+    return hasattr(torch.nn.functional, "scaled_dot_product_attention")
+
+
+def resolve_attn_implementation(requested: str | None = None) -> str:
+    """``None``/``"auto"``: the best available. An explicit choice is honoured or refused clearly."""
+    if requested in (None, "auto"):
+        if flash_attn_available():
+            return "flash_attention_2"
+        return "sdpa" if sdpa_available() else "eager"
+    if requested == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package "
+                             "(pip install flash-attn), which is not installed; use 'sdpa' or 'eager'")
+        if not torch.cuda.is_available():
+            raise ValueError("attn_implementation='flash_attention_2' needs a CUDA GPU, and none is available; "
+                             "use 'sdpa' or 'eager'")
+        return requested
+    if requested == "sdpa":
+        if not sdpa_available():
+            raise ValueError("attn_implementation='sdpa' needs torch.nn.functional.scaled_dot_product_attention "
+                             f"(torch >= 2.0); this torch is {torch.__version__}; use 'eager'")
+        return requested
+    if requested == "eager":
+        return requested
+    raise ValueError(f"unknown attn_implementation {requested!r}; choose one of {ATTN_IMPLEMENTATIONS} or 'auto'")

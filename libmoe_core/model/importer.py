@@ -1,0 +1,183 @@
+"""Load LibMoE's published checkpoints (vision_language_model, Phi3.5-SigLIP / Phi3-CLIP).
+
+Key names of their model code, mapped onto ours:
+
+| LibMoE | ours |
+|---|---|
+| ``model.vision_tower.vision_model.{embeddings,pre_layrnorm}.*`` (``vision_model.*`` in ``clip.bin``) | ``vision_tower.model.*`` |
+| ``...encoder.layers.i.{self_attn,layer_norm1,layer_norm2}.*`` | same under ``vision_tower.model.`` |
+| ``...encoder.layers.i.mlp.fc{1,2}.*`` (dense) | same, or copied into every expert if the layer is MoE |
+| ``...encoder.layers.i.moelayer.experts.j.fc1.{weight,bias}`` | ``...layers.i.mlp.experts.{w_in,b_in}[j]`` (transposed) |
+| ``...encoder.layers.i.moelayer.experts.j.fc2.{weight,bias}`` | ``...layers.i.mlp.experts.{w_out,b_out}[j]`` (transposed) |
+| ``...encoder.layers.i.moelayer.gate.weight`` | ``...layers.i.mlp.router.gate.weight`` |
+| ``model.mm_projector.{0,2}.*`` (``mm_projector.bin``) | ``projector.{0,2}.*``, or every expert if MoE |
+| ``model.mm_projector.moelayer.experts.j.{0,2}.*`` / ``.gate.weight`` | ``projector.experts.*[j]`` / ``projector.router.gate.weight`` |
+| ``model.{embed_tokens,layers,norm}.*``, ``lm_head.*`` (Phi-3) | ``language_model.model.*``, ``language_model.lm_head.*`` |
+
+Not mapped (reported in ``ImportReport.unused``): vision layers after the feature layer
+(LibMoE stores all 27 SigLIP layers but uses the penultimate output), ``post_layernorm``
+/ ``head``, ``image_newline``, and router parameters other than a linear gate weight
+(e.g. xmoe's expert embeddings, hyperrouter's hypernetwork, a gate bias): routers of those
+kinds keep their fresh initialisation and are listed in ``ImportReport.missing``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+VISION = re.compile(r"^(?:model\.)?(?:vision_tower\.)*vision_model\.(.+)$")
+VISION_EXPERT = re.compile(r"^encoder\.layers\.(\d+)\.moelayer\.experts\.(\d+)\.fc([12])\.(weight|bias)$")
+VISION_GATE = re.compile(r"^encoder\.layers\.(\d+)\.moelayer\.gate\.weight$")
+VISION_DENSE_MLP = re.compile(r"^encoder\.layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)$")
+VISION_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
+PROJ_EXPERT = re.compile(r"^(?:model\.)?mm_projector\.moelayer\.experts\.(\d+)\.([02])\.(weight|bias)$")
+PROJ_GATE = re.compile(r"^(?:model\.)?mm_projector\.moelayer\.gate\.weight$")
+PROJ_DENSE = re.compile(r"^(?:model\.)?mm_projector\.(.+)$")
+LLM = re.compile(r"^model\.(embed_tokens|layers|norm)\.(.+)$")
+LLM_DENSE_MLP = re.compile(r"^layers\.(\d+)\.mlp\.(gate_up_proj|down_proj)\.weight$")
+LM_HEAD = re.compile(r"^lm_head\.(.+)$")
+
+# (LibMoE piece, bias?) -> our stacked parameter
+_PIECE = {("1", "weight"): "w_in", ("1", "bias"): "b_in", ("2", "weight"): "w_out", ("2", "bias"): "b_out",
+          ("0", "weight"): "w_in", ("0", "bias"): "b_in"}
+
+
+@dataclass
+class ImportReport:
+    loaded: list[str] = field(default_factory=list)  # our keys written
+    missing: list[str] = field(default_factory=list)  # our keys the checkpoint did not provide
+    unused: dict[str, str] = field(default_factory=dict)  # their key -> why it was not used
+
+
+def read_checkpoint(path) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` / ``.bin`` file or of every such file in a directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"no .safetensors or .bin files in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        state.update(part)
+    return state
+
+
+def convert_libmoe_state_dict(state_dict: dict, model) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """Map LibMoE key names and layouts onto ``model``'s state dict (see the module docstring)."""
+    ours = model.state_dict()
+    kept = len(model.vision_tower.layers)
+    report = ImportReport()
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # prefix -> expert -> piece -> tensor
+
+    def dense_or_broadcast(prefix: str, piece: str, name: str, value: torch.Tensor, key: str):
+        """A dense MLP weight: to the same key if dense here, else copied into every expert."""
+        target = f"{prefix}.{name}"
+        if target in ours:
+            out[target] = value
+        elif f"{prefix}.experts.{piece}" in ours:
+            stacked = ours[f"{prefix}.experts.{piece}"]
+            single = value.t() if piece.startswith("w") else value
+            out[f"{prefix}.experts.{piece}"] = single.unsqueeze(0).expand_as(stacked).clone()
+        else:
+            report.unused[key] = f"no {target} in this model"
+
+    for key, value in state_dict.items():
+        m = VISION.match(key)
+        if m:
+            rest = m.group(1)
+            layer = VISION_LAYER.match(rest)
+            if layer and int(layer.group(1)) >= kept:
+                report.unused[key] = f"vision layer {layer.group(1)} is after the feature layer (only {kept} kept)"
+            elif rest.startswith(("post_layernorm.", "head.")):
+                report.unused[key] = "final vision norm / pooling head: not used for LLaVA features"
+            elif e := VISION_EXPERT.match(rest):
+                prefix = f"vision_tower.model.encoder.layers.{e.group(1)}.mlp"
+                experts.setdefault(prefix, {}).setdefault(int(e.group(2)), {})[_PIECE[(e.group(3), e.group(4))]] = value
+            elif g := VISION_GATE.match(rest):
+                out[f"vision_tower.model.encoder.layers.{g.group(1)}.mlp.router.gate.weight"] = value
+            elif d := VISION_DENSE_MLP.match(rest):
+                prefix = f"vision_tower.model.encoder.layers.{d.group(1)}.mlp"
+                dense_or_broadcast(prefix, _PIECE[(d.group(2), d.group(3))], f"fc{d.group(2)}.{d.group(3)}", value, key)
+            else:
+                out[f"vision_tower.model.{rest}"] = value
+        elif e := PROJ_EXPERT.match(key):
+            experts.setdefault("projector", {}).setdefault(int(e.group(1)), {})[_PIECE[(e.group(2), e.group(3))]] = value
+        elif PROJ_GATE.match(key):
+            out["projector.router.gate.weight"] = value
+        elif p := PROJ_DENSE.match(key):
+            rest = p.group(1)
+            piece = re.match(r"^([02])\.(weight|bias)$", rest)
+            if piece:
+                dense_or_broadcast("projector", _PIECE[(piece.group(1), piece.group(2))], rest, value, key)
+            else:
+                out[f"projector.{rest}"] = value
+        elif m := LLM.match(key):
+            rest = f"{m.group(1)}.{m.group(2)}"
+            mlp = LLM_DENSE_MLP.match(rest)
+            if mlp:
+                prefix = f"language_model.model.layers.{mlp.group(1)}.mlp"
+                piece = "w_in" if mlp.group(2) == "gate_up_proj" else "w_out"
+                dense_or_broadcast(prefix, piece, f"{mlp.group(2)}.weight", value, key)
+            else:
+                out[f"language_model.model.{rest}"] = value
+        elif m := LM_HEAD.match(key):
+            out[f"language_model.lm_head.{m.group(1)}"] = value
+        else:
+            report.unused[key] = "not part of this model (LibMoE-only parameter)"
+
+    for prefix, by_expert in experts.items():
+        n = len(by_expert)
+        target = f"{prefix}.experts.w_in"
+        if target not in ours:
+            raise ValueError(f"the checkpoint has {n} experts at {prefix} but the model has a dense MLP there; "
+                             "build the model with that MoE placement")
+        have = ours[target].shape[0]
+        if sorted(by_expert) != list(range(have)):
+            raise ValueError(f"{prefix}: checkpoint experts {sorted(by_expert)} but the model has {have} experts")
+        for piece in ("w_in", "b_in", "w_out", "b_out"):
+            if f"{prefix}.experts.{piece}" not in ours:
+                continue
+            parts = [by_expert[j].get(piece) for j in range(have)]
+            if any(t is None for t in parts):
+                continue
+            out[f"{prefix}.experts.{piece}"] = torch.stack([t.t() if piece.startswith("w") else t for t in parts])
+    return out, report
+
+
+def load_libmoe_checkpoint(model, source, *, strict: bool = False) -> ImportReport:
+    """Load a LibMoE checkpoint (path(s) or a state dict) into ``model``; returns what mapped.
+
+    Shapes must match exactly (a clear error names each mismatch). ``strict`` also
+    fails when a model parameter was not provided by the checkpoint.
+    """
+    if isinstance(source, dict):
+        state = source
+    else:
+        sources = source if isinstance(source, (list, tuple)) else [source]
+        state = {}
+        for s in sources:
+            state.update(read_checkpoint(s))
+    converted, report = convert_libmoe_state_dict(state, model)
+    ours = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+           for k, v in converted.items() if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+    if bad:
+        raise ValueError("shape mismatch importing the LibMoE checkpoint (check the preset / placements / "
+                         "vision_scales):\n  " + "\n  ".join(bad))
+    unknown = [k for k in converted if k not in ours]
+    for k in unknown:
+        report.unused[k] = "mapped name not in this model"
+        converted.pop(k)
+    model.load_state_dict(converted, strict=False)
+    report.loaded = sorted(converted)
+    report.missing = sorted(k for k in ours if k not in converted)
+    if strict and report.missing:
+        raise ValueError(f"{len(report.missing)} model parameters not in the checkpoint, e.g. {report.missing[:5]}")
+    return report

@@ -1,0 +1,213 @@
+"""``LibMoEVLMForCausalLM``: vision tower -> projector -> language model, with MoE placements.
+
+Image features are written into the positions of the (already expanded) ``<image>``
+tokens, HF-LLaVA style, so KV-cache generation and left padding need nothing special.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..tokens import IGNORE_INDEX
+from .config import PLACEMENTS, LibMoEVLMConfig
+from .placement import apply_placement, placed_moe_layers, restore_router_buffers
+from .projector import build_projector
+from .vision import VisionTower
+
+
+@dataclass
+class LibMoEVLMOutput(CausalLMOutputWithPast):
+    """``loss = lm_loss + sum(aux_losses.values())``.
+
+    ``aux_losses``: coefficient-weighted aux losses summed over each placement's layers,
+    keyed ``"{placement}/{term}"`` (``vision/balance``, ``vision/z``, ``projector/balance``,
+    ``llm/z``, ...). ``aux_terms``: the same terms unweighted, averaged over the layers
+    (balance = 1.0 at perfect balance), for logging.
+    """
+
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    aux_losses: dict | None = None
+    aux_terms: dict | None = None
+
+
+class ImageTokenMismatchError(ValueError):
+    """The number of ``<image>`` tokens does not match the images given."""
+
+
+class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LibMoEVLMConfig
+    config: LibMoEVLMConfig
+    base_model_prefix = "libmoe_vlm"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def __init__(self, config: LibMoEVLMConfig):
+        super().__init__(config)
+        self.vision_tower = VisionTower(
+            config.vision_config, config.kept_vision_layers, config.vision_scales, config.image_pool
+        )
+        self.projector = build_projector(config.projector_type, config.vision_feature_width, config.text_config.hidden_size)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+        # MoE layers are built after post_init so weight init never touches expert copies or routers.
+        for placement in PLACEMENTS:
+            spec = (config.moe or {}).get(placement)
+            if spec:
+                apply_placement(self, placement, spec, noise=False)
+        text = config.text_config
+        if getattr(text, "pad_token_id", None) is not None:
+            self.generation_config.pad_token_id = text.pad_token_id
+        if config.image_token_id is not None:
+            self.generation_config.suppress_tokens = [config.image_token_id]
+
+    # ---- HF plumbing
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        loaded = model[0] if isinstance(model, tuple) else model
+        restore_router_buffers(loaded)
+        return model
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    # ---- images
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [N, 3, H, W] -> projected image tokens [N, num_image_tokens, d_text]."""
+        feats = self.vision_tower(pixel_values)  # [N, T, C * scales]
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(feats.to(proj_dtype))
+
+    def image_token_mask(self, input_ids: torch.Tensor, num_images: int, image_counts=None) -> torch.Tensor:
+        """[B, L] bool mask of image positions; raises when it does not match the images."""
+        token_id = self.config.image_token_id
+        if token_id is None:
+            raise ValueError("config.image_token_id is not set; the model cannot place image features")
+        t = self.num_image_tokens
+        mask = input_ids == token_id
+        per_row = mask.sum(-1)  # [B]
+        found = int(per_row.sum())
+        if found != num_images * t:
+            raise ImageTokenMismatchError(
+                f"found {found} image tokens (id {token_id}) for {num_images} image(s) x {t} tokens = {num_images * t}; "
+                f"each <image> placeholder must be expanded to {t} tokens and there must be one image per placeholder"
+            )
+        if image_counts is not None:
+            expected = torch.as_tensor(image_counts, device=per_row.device).reshape(-1) * t
+            if expected.shape != per_row.shape or not torch.equal(expected, per_row):
+                raise ImageTokenMismatchError(
+                    f"image tokens per sample {per_row.tolist()} != image_counts x {t} = {expected.tolist()}"
+                )
+        elif bool((per_row % t).any()):
+            raise ImageTokenMismatchError(f"image tokens per sample {per_row.tolist()} are not multiples of {t}")
+        return mask
+
+    # ---- forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,  # [B, L] with <image> tokens already expanded
+        pixel_values: torch.Tensor | None = None,  # [N_images, 3, H, W], images in sample order
+        attention_mask: torch.Tensor | None = None,  # [B, L_past + L]
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,  # [B, L], -100 = ignored
+        image_counts: torch.Tensor | None = None,  # [B] images per sample (optional check)
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LibMoEVLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        decoding = cache is not None and cache.get_seq_length() > 0
+        moe = placed_moe_layers(self)
+        for _, _, layer in moe:
+            layer.last_routing = None  # a placement that does not run (no images) reports nothing stale
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, d]
+            if pixel_values is not None:
+                mask = self.image_token_mask(input_ids, pixel_values.shape[0], image_counts)
+                image_embeds = self.encode_images(pixel_values)  # [N, T, d]
+                inputs_embeds = inputs_embeds.masked_scatter(
+                    mask.unsqueeze(-1), image_embeds.reshape(-1, image_embeds.shape[-1]).to(inputs_embeds.dtype)
+                )
+            elif not decoding and self.config.image_token_id is not None:
+                self.image_token_mask(input_ids, 0, image_counts)  # image tokens without images: error
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids (to find the <image> positions), not inputs_embeds")
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("logits_to_keep must be 0 when labels are given")
+        out = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        logits = out.logits  # [B, L', V]
+        aux_loss, aux_losses, aux_terms = self.aux_losses(moe)
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss if aux_loss is None else lm_loss + aux_loss
+        return LibMoEVLMOutput(
+            loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states, attentions=out.attentions,
+            lm_loss=lm_loss, aux_loss=aux_loss, aux_losses=aux_losses, aux_terms=aux_terms,
+        )
+
+    def aux_losses(self, moe=None):
+        """(total, weighted per placement/term, unweighted mean per placement/term) of the last forward."""
+        weighted: dict[str, torch.Tensor] = {}
+        sums: dict[str, list[torch.Tensor]] = {}
+        for placement, _, layer in placed_moe_layers(self) if moe is None else moe:
+            routing = layer.last_routing
+            if routing is None:
+                continue
+            coefs = layer.router.coefs
+            for term, value in routing.aux_terms.items():
+                key = f"{placement}/{term}"
+                contribution = coefs.get(term, 0.0) * value
+                weighted[key] = weighted[key] + contribution if key in weighted else contribution
+                sums.setdefault(key, []).append(value.detach())
+        if not weighted:
+            return None, {}, {}
+        total = torch.stack([v.float() for v in weighted.values()]).sum()
+        terms = {k: torch.stack(v).float().mean() for k, v in sums.items()}
+        return total, weighted, terms
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) over labels != -100; 0 when there are none."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(L-1), V]
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)  # [B*(L-1)]
+    if not bool((shift_labels != IGNORE_INDEX).any()):
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)

@@ -1,0 +1,192 @@
+"""Where the MoE layers go: vision encoder MLPs, the projector, chosen LLM decoder MLPs.
+
+A placement spec (stored in ``config.moe[placement]``, JSON-friendly)::
+
+    {"router": "smoe", "num_experts": 4, "top_k": 2, "layers": [0, 1, 2],
+     "balance_coef": None, "z_coef": None, "capacity_factor": None,
+     "router_options": {}, "seed": 0, "noise": 0.0}
+
+``layers`` accepts a list of indices or ``all`` / ``every_other`` (1, 3, 5, ...) /
+``second_half`` when given to :func:`normalize_placement`; the config stores the list.
+Each layer's router is seeded ``seed + PLACEMENT_SEED_OFFSET[placement] + layer``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from ..moe import MoELayer, build_moe
+from .config import PLACEMENTS
+
+LAYER_SHORTCUTS = ("all", "every_other", "second_half")
+PLACEMENT_SEED_OFFSET = {"vision": 0, "projector": 10_000, "llm": 20_000}
+SPEC_DEFAULTS = {
+    "router": "smoe", "num_experts": 4, "top_k": 2, "layers": "all", "balance_coef": None, "z_coef": None,
+    "capacity_factor": None, "router_options": {}, "seed": 0, "noise": 0.0,
+}
+
+
+def resolve_layers(layers, num_layers: int, placement: str) -> list[int]:
+    """A layer selection (list or shortcut) as a sorted list of valid indices."""
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(num_layers))
+        if layers == "every_other":
+            return list(range(1, num_layers, 2))
+        if layers == "second_half":
+            return list(range(num_layers // 2, num_layers))
+        raise ValueError(f"moe {placement} layers: unknown shortcut {layers!r}; use a list of ints or one of {LAYER_SHORTCUTS}")
+    try:
+        out = sorted({int(i) for i in layers})
+    except TypeError:
+        raise ValueError(f"moe {placement} layers must be a list of ints or one of {LAYER_SHORTCUTS}, got {layers!r}") from None
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"moe {placement} layers {bad} out of range: the {placement} has {num_layers} layers (0..{num_layers - 1})")
+    if not out:
+        raise ValueError(f"moe {placement} layers is empty; pass None to disable the placement")
+    return out
+
+
+def normalize_placement(value, placement: str, num_layers: int, defaults: dict | None = None) -> dict | None:
+    """Turn a user value (None/False, True, shortcut, list, or dict) into a full spec (or None)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    elif isinstance(value, (str, list, tuple, range)):
+        value = {"layers": value}
+    elif not isinstance(value, dict):
+        raise TypeError(f"moe_{placement} must be None, a bool, a layer list/shortcut or a dict, got {value!r}")
+    unknown = sorted(set(value) - set(SPEC_DEFAULTS))
+    if unknown:
+        raise ValueError(f"moe_{placement}: unknown field(s) {unknown}; known: {sorted(SPEC_DEFAULTS)}")
+    spec = {**SPEC_DEFAULTS, **(defaults or {}), **value}
+    spec["router_options"] = dict(spec["router_options"] or {})
+    spec["layers"] = [0] if placement == "projector" else resolve_layers(spec["layers"], num_layers, placement)
+    return spec
+
+
+def mlp_slots(model, placement: str):
+    """(layer index, parent module, attribute name) of every MLP this placement can replace."""
+    if placement == "vision":
+        return [(i, layer, "mlp") for i, layer in enumerate(model.vision_tower.layers)]
+    if placement == "projector":
+        return [(0, model, "projector")]
+    if placement == "llm":
+        return [(i, layer, "mlp") for i, layer in enumerate(decoder_layers(model.language_model))]
+    raise ValueError(f"unknown placement {placement!r}; choose from {PLACEMENTS}")
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of an ``AutoModelForCausalLM`` (``model.layers`` in every tested family)."""
+    base = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model.model
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise TypeError(f"cannot find decoder layers in {type(language_model).__name__}")
+    return layers
+
+
+def num_layers(model, placement: str) -> int:
+    return len(mlp_slots(model, placement))
+
+
+def apply_placement(model, placement: str, spec: dict, *, noise: bool = True) -> None:
+    """Replace the chosen dense MLPs by MoE layers whose experts copy them (in place)."""
+    slots = {i: (parent, attr) for i, parent, attr in mlp_slots(model, placement)}
+    for i in spec["layers"]:
+        parent, attr = slots[i]
+        dense = getattr(parent, attr)
+        if isinstance(dense, MoELayer):
+            raise ValueError(f"{placement} layer {i} is already an MoE layer")
+        if placement == "projector" and isinstance(dense, nn.Linear):
+            raise ValueError("an MoE projector upcycles the mlp2x_gelu projector; projector_type='linear' has no MLP to copy")
+        options = dict(spec["router_options"])
+        for key in ("balance_coef", "z_coef"):
+            if spec.get(key) is not None:
+                options[key] = spec[key]
+        layer = build_moe(
+            dense, spec["router"], spec["num_experts"], spec["top_k"],
+            noise=float(spec.get("noise") or 0.0) if noise else 0.0,
+            capacity_factor=spec.get("capacity_factor"),
+            seed=int(spec.get("seed") or 0) + PLACEMENT_SEED_OFFSET[placement] + i,
+            **options,
+        )
+        layer.router._libmoe_build = (spec["router"], spec["num_experts"], spec["top_k"], options)
+        setattr(parent, attr, layer)
+
+
+_NAME_PATTERNS = {
+    "vision": re.compile(r"^vision_tower\.model\.encoder\.layers\.(\d+)\.mlp$"),
+    "projector": re.compile(r"^projector$"),
+    "llm": re.compile(r"^language_model\..*layers\.(\d+)\.mlp$"),
+}
+
+
+def placement_of(name: str) -> tuple[str, int] | None:
+    """(placement, layer index) for the qualified name of an MoE layer in our model."""
+    for placement, pattern in _NAME_PATTERNS.items():
+        m = pattern.match(name)
+        if m:
+            return placement, int(m.group(1)) if m.groups() else 0
+    return None
+
+
+def placed_moe_layers(model) -> list[tuple[str, int, MoELayer]]:
+    """(placement, layer index, MoELayer) for every MoE layer of the model, in module order."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoELayer):
+            where = placement_of(name)
+            if where is not None:
+                out.append((*where, module))
+    return out
+
+
+def restore_router_buffers(model) -> None:
+    """Recompute routers' non-persistent buffers (a meta-device load leaves them uninitialised)."""
+    for _, _, layer in placed_moe_layers(model):
+        router = layer.router
+        if not router._non_persistent_buffers_set:
+            continue
+        _, num_experts, top_k, options = router._libmoe_build
+        fresh = type(router)(router.hidden_size, num_experts, top_k, **options)
+        for buf in router._non_persistent_buffers_set:
+            value = getattr(fresh, buf)
+            setattr(router, buf, value.to(getattr(router, buf).device))
+
+
+def upcycle(
+    model,
+    *,
+    moe_vision=None,
+    moe_projector=None,
+    moe_llm_layers=None,
+    router: str = "smoe",
+    num_experts: int = 4,
+    top_k: int = 2,
+    **common,
+):
+    """Upcycle a model's dense MLPs into MoE layers (in place) and record it in ``model.config.moe``.
+
+    Each ``moe_*`` argument is None/False (off), True (all layers), a layer list or
+    shortcut (``all``, ``every_other``, ``second_half``), or a dict overriding any spec
+    field for that placement. ``common`` holds spec fields shared by all placements
+    (balance_coef, z_coef, capacity_factor, router_options, seed, noise). Experts are
+    copies of the current dense weights, so the output is unchanged (noise=0).
+    """
+    defaults = {"router": router, "num_experts": num_experts, "top_k": top_k, **common}
+    requested = {"vision": moe_vision, "projector": moe_projector, "llm": moe_llm_layers}
+    moe = dict(model.config.moe or {})
+    for placement, value in requested.items():
+        spec = normalize_placement(value, placement, num_layers(model, placement), defaults)
+        if spec is None:
+            continue
+        if placement in moe:
+            raise ValueError(f"the model already has an MoE {placement} placement")
+        apply_placement(model, placement, spec, noise=True)
+        moe[placement] = spec
+    model.config.moe = moe or None
+    return model

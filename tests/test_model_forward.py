@@ -1,0 +1,152 @@
+"""Forward/backward of every MoE placement combination, upcycling equality, image-token accounting."""
+
+import itertools
+
+import pytest
+import torch
+
+from libmoe_core.model import ImageTokenMismatchError, LibMoEVLMConfig
+from libmoe_core.model.placement import upcycle
+from libmoe_core.model.presets import build_model
+
+T = 16  # tiny preset: 8x8 patches pooled 2x2
+
+
+def batch(model, images_per_sample=(1, 0, 2), length=24, seed=0):
+    """input_ids with expanded image tokens (text-only and multi-image samples), labels, pixel_values."""
+    g = torch.Generator().manual_seed(seed)
+    tok = model.config.image_token_id
+    rows = []
+    for n in images_per_sample:
+        text = torch.randint(20, 400, (length,), generator=g).tolist()
+        rows.append(text[:3] + [tok] * (T * n) + text[3:])
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), 1)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = ids.masked_fill((ids == tok) | (mask == 0), -100)
+    pixels = torch.randn(sum(images_per_sample), 3, 64, 64, generator=g)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels,
+                image_counts=torch.tensor(images_per_sample))
+
+
+COMBOS = list(itertools.product([False, True], repeat=3))
+
+
+@pytest.mark.parametrize("vision,projector,llm", COMBOS)
+def test_forward_backward_every_placement(vision, projector, llm):
+    model = build_model("tiny", moe_vision=vision, moe_projector=projector, moe_llm_layers="every_other" if llm else None)
+    out = model(**batch(model))
+    placements = {p for p, on in zip(("vision", "projector", "llm"), (vision, projector, llm)) if on}
+    assert {k.split("/")[0] for k in out.aux_losses} == placements
+    for p in placements:
+        assert {f"{p}/balance", f"{p}/z"} <= set(out.aux_losses)
+    expected = out.lm_loss + sum(out.aux_losses.values()) if placements else out.lm_loss
+    torch.testing.assert_close(out.loss, expected)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if ".router." in name or "projector" in name:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    routers = [n for n, _ in model.named_parameters() if n.endswith("router.gate.weight")]
+    assert len(routers) == 2 * vision + projector + 2 * llm  # 2 kept vision layers, LLM layers 1 and 3
+
+
+@pytest.mark.parametrize("router", ["smoe", "sigmoid", "cosine"])
+def test_upcycled_model_equals_dense_model(router):
+    dense = build_model("tiny").eval()
+    moe = build_model("tiny").eval()
+    moe.load_state_dict(dense.state_dict())
+    upcycle(moe, moe_vision=True, moe_projector=True, moe_llm_layers="all", router=router, num_experts=4, top_k=2)
+    assert set(moe.config.moe) == {"vision", "projector", "llm"}
+    inputs = batch(dense)
+    with torch.no_grad():
+        a, b = dense(**inputs), moe(**inputs)
+    torch.testing.assert_close(b.logits, a.logits, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(b.lm_loss, a.lm_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_vision_features_are_the_penultimate_layer_and_later_layers_are_gone():
+    from transformers import SiglipVisionModel
+
+    model = build_model("tiny", image_pool=1).eval()
+    cfg = model.config
+    assert len(model.vision_tower.layers) == cfg.vision_config.num_hidden_layers - 1
+    assert not hasattr(model.vision_tower.model, "head")
+    full = SiglipVisionModel(cfg.vision_config).eval()
+    full.load_state_dict(model.vision_tower.model.state_dict(), strict=False)
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = full(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+        got = model.vision_tower(px)
+    torch.testing.assert_close(got, want)
+    assert cfg.num_image_tokens == 64
+
+
+def test_clip_tower_drops_cls_and_pools():
+    model = build_model("tiny", vision_config={"model_type": "clip_vision_model", "hidden_act": "quick_gelu"})
+    assert model.vision_tower.num_prefix_tokens == 1
+    feats = model.vision_tower(torch.randn(3, 3, 64, 64))
+    assert feats.shape == (3, T, 64)
+    out = model(**batch(model))
+    out.loss.backward()
+
+
+def test_s2_scales_concatenate_features():
+    model = build_model("tiny", vision_scales=[1, 2], moe_vision=True)
+    feats = model.vision_tower(torch.randn(2, 3, 64, 64))
+    assert feats.shape == (2, T, 128)  # 2 scales x 64 channels
+    assert model.projector[0].in_features == 128
+    out = model(**batch(model, (1, 1)))
+    assert "vision/balance" in out.aux_losses
+
+
+def test_image_token_accounting_errors_are_clear():
+    model = build_model("tiny")
+    good = batch(model)
+    with pytest.raises(ImageTokenMismatchError, match="found 48 image tokens .* 2 image"):
+        model(**{**good, "pixel_values": good["pixel_values"][:2], "image_counts": None})
+    with pytest.raises(ImageTokenMismatchError, match="per sample"):
+        model(**{**good, "image_counts": torch.tensor([2, 0, 1])})
+    no_images = {k: v for k, v in good.items() if k not in ("pixel_values", "image_counts")}
+    with pytest.raises(ImageTokenMismatchError, match="0 image"):
+        model(**no_images)
+    ids = good["input_ids"].clone()
+    ids[0, 3] = 5  # one image token short
+    with pytest.raises(ImageTokenMismatchError):
+        model(**{**good, "input_ids": ids})
+
+
+def test_text_only_batch_has_no_vision_aux():
+    model = build_model("tiny", moe_vision=True, moe_llm_layers=[0])
+    first = model(**batch(model))
+    assert "vision/balance" in first.aux_losses
+    text = batch(model, (0, 0))
+    text.pop("pixel_values")
+    out = model(**text)
+    assert set(out.aux_losses) == {"llm/balance", "llm/z"}  # no stale vision routing from the first call
+
+
+def test_placement_errors():
+    with pytest.raises(ValueError, match="out of range"):
+        build_model("tiny", moe_llm_layers=[7])
+    with pytest.raises(ValueError, match="unknown shortcut"):
+        build_model("tiny", moe_llm_layers="odd")
+    with pytest.raises(ValueError, match="linear"):
+        build_model("tiny", projector_type="linear", moe_projector=True)
+    with pytest.raises(ValueError, match="unknown field"):
+        build_model("tiny", moe_vision={"experts": 4})
+    with pytest.raises(ValueError, match="vision_feature_layer"):
+        _ = LibMoEVLMConfig(vision_config={"num_hidden_layers": 2}, vision_feature_layer=-5).kept_vision_layers
+
+
+def test_per_placement_settings_and_layer_shortcuts():
+    model = build_model("tiny", moe_vision={"router": "cosine", "num_experts": 2, "top_k": 1, "balance_coef": 0.1},
+                        moe_llm_layers="second_half", num_experts=3)
+    moe = model.config.moe
+    assert moe["vision"]["layers"] == [0, 1] and moe["vision"]["num_experts"] == 2
+    assert moe["llm"]["layers"] == [2, 3] and moe["llm"]["num_experts"] == 3
+    layer = model.vision_tower.layers[0].mlp
+    assert layer.router.name == "cosine" and layer.router.coefs["balance"] == 0.1

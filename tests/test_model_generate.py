@@ -1,0 +1,74 @@
+"""Greedy generation: batch size and left padding do not change answers; routing capture."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from libmoe_core.model.placement import placed_moe_layers
+from libmoe_core.model.presets import build_model, build_processor
+from libmoe_core.model.routing import capture_routing
+
+QUESTIONS = ["what color is the circle?", "is there a red shape in the image?", "what shape is it?",
+             "does the image not contain a blue triangle?"]
+
+
+def samples():
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 48 + 8 * i, 3), dtype=np.uint8)) for i in range(4)]
+    prompts = [f"<|user|>\n<image>\n{q}<|end|>\n<|assistant|>\n" for q in QUESTIONS]
+    prompts[2] = "<|user|>\nwhat is two plus two, in words?<|end|>\n<|assistant|>\n"  # text-only sample
+    prompts[3] = prompts[3].replace("<image>", "<image><image>")  # two images
+    return prompts, [[images[0]], [images[1]], None, [images[2], images[3]]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_model("tiny", moe_vision=True, moe_projector=True, moe_llm_layers="every_other").eval()
+    with torch.no_grad():  # sharpen the random LM head so greedy answers are not near-ties
+        m.language_model.lm_head.weight.mul_(8)
+    m.generation_config.eos_token_id = None  # always generate max_new_tokens
+    return m
+
+
+def test_batch_size_does_not_change_greedy_answers(model):
+    processor = build_processor("tiny")
+    prompts, images = samples()
+    batch = processor(prompts, images, padding_side="left")
+    assert (batch["attention_mask"] == 0).any()  # some samples are left padded
+    together = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, -6:]
+    for i in range(4):
+        one = processor([prompts[i]], [images[i]])
+        alone = model.generate(**one, max_new_tokens=6, do_sample=False)[:, -6:]
+        assert torch.equal(alone[0], together[i]), f"sample {i}: {alone[0].tolist()} vs {together[i].tolist()}"
+
+
+def test_routing_capture_records_tokens_and_kinds(model):
+    processor = build_processor("tiny")
+    prompts, images = samples()
+    batch = processor(prompts[:2], images[:2])
+    before = sum(len(l._forward_hooks) for _, _, l in placed_moe_layers(model)) + len(model._forward_pre_hooks)
+    with capture_routing(model, placements=("vision", "llm"), layers={"llm": [3]}) as rec:
+        model.generate(**batch, max_new_tokens=3, do_sample=False)
+    after = sum(len(l._forward_hooks) for _, _, l in placed_moe_layers(model)) + len(model._forward_pre_hooks)
+    assert before == after == 0  # no hooks outside the block
+    assert {(r.placement, r.layer) for r in rec.records} == {("vision", 0), ("vision", 1), ("llm", 3)}
+    assert rec.calls == 3  # prefill + 2 decode steps feed tokens back
+    table = rec.to_table()
+    n_real = int(batch["attention_mask"].sum())
+    llm = [i for i, p in enumerate(table["placement"]) if p == "llm"]
+    kinds = [table["token_kind"][i] for i in llm]
+    assert kinds.count("image") == 2 * 16 and kinds.count("generated") == 2 * 2
+    assert kinds.count("text") == n_real - 32
+    vision_rows = [i for i, p in enumerate(table["placement"]) if p == "vision"]
+    assert len(vision_rows) == 2 * 2 * 64  # 2 layers x 2 images x 64 patches
+    assert {table["token_kind"][i] for i in vision_rows} == {"image"}
+    assert {table["sample"][i] for i in vision_rows} == {0, 1}
+    prefill = rec.select("llm", 3)[0]
+    assert prefill.experts.shape[1] == 2 and prefill.probs.shape[1] == 4
+    torch.testing.assert_close(prefill.probs.sum(-1), torch.ones(len(prefill)))
+    # positions count real tokens only, so left padding does not shift them
+    assert prefill.position[prefill.sample == 0].tolist() == list(range(int(batch["attention_mask"][0].sum())))
+    with pytest.raises(ValueError, match="unknown placement"), capture_routing(model, placements=("decoder",)):
+        pass

@@ -1,0 +1,103 @@
+"""Presets, build_model, hub presets offline / from local dirs, attention choice, tiny tokenizer asset."""
+
+import pytest
+import torch
+
+from libmoe_core.model import resolve_attn_implementation
+from libmoe_core.model.presets import PRESETS, build_model, build_processor, load_tiny_tokenizer
+from libmoe_core.model.stats import parameter_counts
+
+
+def test_tiny_preset_is_small_and_offline():
+    model = build_model("tiny")
+    counts = parameter_counts(model)
+    assert counts["total"] == counts["active"] < 1_500_000
+    assert model.config.moe is None and model.config.num_image_tokens == 16
+    assert type(model.vision_tower.model).__name__ == "SiglipVisionModel"
+    assert type(model.language_model).__name__ == "Phi3ForCausalLM"
+    tok = load_tiny_tokenizer()
+    assert len(tok) <= model.config.text_config.vocab_size
+    assert model.config.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
+    ids = tok("what color is the triangle?", add_special_tokens=False)["input_ids"]
+    assert len(ids) <= 8  # easy-VQA words are whole tokens
+
+
+def test_moe_active_parameters():
+    model = build_model("tiny", moe_vision=True, moe_projector=True, moe_llm_layers="all", num_experts=4, top_k=1)
+    counts = parameter_counts(model)
+    dense = parameter_counts(build_model("tiny"))
+    experts = sum(layer.experts.w_in.numel() + layer.experts.w_out.numel()
+                  + sum(b.numel() for b in (layer.experts.b_in, layer.experts.b_out) if b is not None)
+                  for _, _, layer in __import__("libmoe_core.model", fromlist=["x"]).placed_moe_layers(model))
+    assert counts["total"] - counts["active"] == experts * 3 // 4
+    assert counts["active"] > dense["total"]  # + routers
+
+
+@pytest.mark.parametrize("name", ["siglip224-phi35", "siglip224-phi3", "clip336-phi3"])
+def test_seed_presets_build_on_meta_from_embedded_configs(name):
+    with torch.device("meta"):
+        model = build_model(name, load_weights=False, moe_vision=True, moe_projector=True)
+    counts = parameter_counts(model)
+    assert 3.8e9 < counts["llm"] < 3.9e9  # Phi-3-mini
+    assert counts["active"] < counts["total"]
+    assert model.config.vision_scales == [1, 3]  # LibMoE's S^2 setting
+    assert len(model.vision_tower.layers) == PRESETS[name].vision_config["num_hidden_layers"] - 1
+
+
+def test_hub_preset_offline_fails_fast_with_instructions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"(?s)huggingface-cli download google/siglip-so400m-patch14-224.*vision_path="):
+        build_model("siglip224-phi35")
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("llava-13b")
+
+
+def test_hub_preset_from_local_directories(tmp_path):
+    from transformers import Phi3Config, Phi3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    tok = load_tiny_tokenizer()
+    vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                  num_attention_heads=4, image_size=28, patch_size=14))
+    llm = Phi3ForCausalLM(Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
+                                     bos_token_id=0, eos_token_id=0))
+    vision.save_pretrained(tmp_path / "vision")
+    llm.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    vision.config.to_json_file(tmp_path / "vision" / "config.json")
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "vision")
+    model = build_model("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm",
+                        moe_llm_layers=[1])
+    assert len(model.vision_tower.layers) == 2 and model.projector[0].in_features == 64  # 2 scales x 32
+    assert torch.equal(model.vision_tower.layers[1].self_attn.q_proj.weight, vision.encoder.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(model.language_model.model.layers[1].mlp.experts.w_in[0], llm.model.layers[1].mlp.gate_up_proj.weight.t())
+    processor = build_processor("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm")
+    from PIL import Image
+
+    batch = processor(["<image>\nwhat color?"], [[Image.new("RGB", (40, 20), "red")]])
+    out = model(**batch, labels=batch["input_ids"])
+    assert torch.isfinite(out.loss) and processor.num_image_tokens == 4
+
+
+def test_attention_choice():
+    assert resolve_attn_implementation(None) in ("flash_attention_2", "sdpa", "eager")
+    assert resolve_attn_implementation("eager") == "eager"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="flash"):
+            resolve_attn_implementation("flash_attention_2")
+    with pytest.raises(ValueError, match="unknown attn_implementation"):
+        resolve_attn_implementation("xformers")
+    model = build_model("tiny", attn_implementation="eager")
+    assert model.language_model.config._attn_implementation == "eager"
+    assert model.vision_tower.model.config._attn_implementation == "eager"
+
+
+def test_tiny_tokenizer_rebuild_is_deterministic(tmp_path):
+    from libmoe_core.model.build_tiny_tokenizer import ASSET_DIR, build
+
+    build(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (ASSET_DIR / name).read_bytes(), name

@@ -1,0 +1,91 @@
+"""save_pretrained / from_pretrained round trips (model, Auto classes, processor)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import libmoe_core.model  # noqa: F401  (registers libmoe_vlm with the Auto classes)
+from libmoe_core.model import LibMoEVLMForCausalLM
+from libmoe_core.model.presets import build_model, build_processor
+from libmoe_core.model.processor import LibMoEProcessor
+
+
+def inputs(model, processor):
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    texts = ["<|user|>\n<image>\nwhat color is the circle?<|end|>\n<|assistant|>\n",
+             "<|user|>\nis it red?<|end|>\n<|assistant|>\n"]
+    return processor(texts, [ims[:1], None])
+
+
+@pytest.mark.parametrize("router", ["smoe", "tcmoe", "auxfree"])
+def test_round_trip_is_exact(tmp_path, router):
+    model = build_model("tiny", moe_vision=True, moe_projector=True, moe_llm_layers="every_other", router=router,
+                        noise=0.01).eval()
+    processor = build_processor("tiny")
+    batch = inputs(model, processor)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = LibMoEVLMForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.moe == model.config.moe
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    for (_, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers()):
+        assert torch.equal(a, b)  # non-persistent router buffers rebuilt
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_auto_classes_load_after_import(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = build_model("tiny", moe_llm_layers=[1]).eval()
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "libmoe_vlm"
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(auto, LibMoEVLMForCausalLM)
+    ids = torch.randint(20, 400, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, auto(input_ids=ids).logits)
+
+
+def test_processor_round_trip(tmp_path):
+    processor = build_processor("tiny", image_aspect="resize")
+    processor.save_pretrained(tmp_path)
+    again = LibMoEProcessor.from_pretrained(tmp_path)
+    assert again.to_dict() == processor.to_dict()
+    assert again.image_token_id == processor.image_token_id
+    text = "<|user|>\n<image>\nwhat shape is it?<|end|>\n<|assistant|>\n"
+    im = Image.fromarray(np.zeros((64, 32, 3), dtype=np.uint8))
+    a, b = processor([text], [[im]]), again([text], [[im]])
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_processor_pads_with_mean_colour_and_expands_placeholders():
+    processor = build_processor("tiny")
+    black_wide = Image.fromarray(np.zeros((32, 64, 3), dtype=np.uint8))  # 64 wide, 32 high
+    out = processor(["<image>\nq", "no image here"], [[black_wide], None], padding_side="left")
+    px = out["pixel_values"][0]  # [3, 64, 64], normalised with mean 0.5 / std 0.5
+    assert torch.allclose(px[:, 0, :], torch.full_like(px[:, 0, :], (128 / 255 - 0.5) / 0.5), atol=0.02)  # pad rows
+    assert torch.allclose(px[:, 32, :], torch.full_like(px[:, 32, :], -1.0), atol=0.02)  # the black image
+    assert (out["input_ids"][0] == processor.image_token_id).sum() == processor.num_image_tokens
+    assert out["image_counts"].tolist() == [1, 0]
+    assert out["attention_mask"][1, 0] == 0 and out["attention_mask"][1, -1] == 1  # left padded
+    right = processor(["<image>\nq", "no image here"], [[black_wide], None], padding_side="right")
+    assert right["attention_mask"][1, 0] == 1
+    with pytest.raises(ValueError, match="placeholder"):
+        processor(["<image><image> two?"], [[black_wide]])
+
+
+def test_processor_uses_the_conversation_template():
+    templates = pytest.importorskip("libmoe_core.data.templates")
+    processor = build_processor("tiny")
+    prompt = processor.prompt("what color is the shape?")
+    assert prompt == templates.get_template("phi35").prompt("<image>\nwhat color is the shape?")
+    ids, labels = processor.render([{"from": "human", "value": "<image>\nwhat color?"}, {"from": "gpt", "value": "red"}])
+    assert ids.count(processor.image_token_id) == processor.num_image_tokens
+    assert all(lab == -100 for tok, lab in zip(ids, labels) if tok == processor.image_token_id)
+    assert any(lab != -100 for lab in labels)
