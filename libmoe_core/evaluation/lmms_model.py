@@ -1,0 +1,235 @@
+"""``libmoe``: the lmms-eval model class for libmoe-kit checkpoints.
+
+    python -m lmms_eval --model libmoe --model_args pretrained=PATH[,conv_template=phi35][,...] ...
+
+Model arguments: ``pretrained`` (a saved LibMoEVLMForCausalLM + processor folder),
+``conv_template`` (override the processor's), ``max_new_tokens`` (cap, default 64),
+``device``/``dtype``/``attn_implementation``, and for routing traces
+``return_id_experts=true``, ``trace_dir=DIR``, ``layers_expert_selection=1;2;3`` (default:
+all layers), ``placements=vision;llm`` (default: all), ``checkpoint=NAME`` (the trace's
+``checkpoint`` column; default the model path).
+
+Batched greedy generation with left padding; the answers do not depend on the batch
+size (requests are sorted by length for speed and returned in request order).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from .model_args import parse_bool, parse_int_list, parse_placements
+from .traces import TraceWriter
+
+__all__ = ["LibMoE"]
+
+
+def _images(visuals) -> list:
+    """lmms-eval visuals (None, one image or a list) -> flat list of PIL images."""
+    from PIL import Image
+
+    if visuals is None:
+        return []
+    items = visuals if isinstance(visuals, (list, tuple)) else [visuals]
+    flat = []
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            flat.extend(_images(item))
+        elif isinstance(item, Image.Image):
+            flat.append(item.convert("RGB"))
+        else:
+            raise TypeError(f"libmoe handles images only; got a visual of type {type(item).__name__}")
+    return flat
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    for stop in stops:
+        if stop and stop in text:
+            text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+class LibMoE(lmms):
+    """lmms-eval model wrapping :class:`libmoe_core.model.LibMoEVLMForCausalLM`."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        conv_template: str | None = None,
+        return_id_experts=False,
+        layers_expert_selection=None,
+        placements=None,
+        trace_dir: str | None = None,
+        checkpoint: str | None = None,
+        max_new_tokens: int = 64,
+        batch_size=1,
+        device: str | None = None,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        max_batch_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"libmoe: unknown model arguments {sorted(kwargs)}")
+        from ..model import LibMoEVLMForCausalLM
+        from ..model.processor import LibMoEProcessor
+
+        self.device_name = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":
+            torch_dtype = torch.bfloat16 if self.device_name.startswith("cuda") else torch.float32
+        else:
+            torch_dtype = getattr(torch, str(dtype))
+        self.model = LibMoEVLMForCausalLM.from_pretrained(
+            pretrained, dtype=torch_dtype, **({"attn_implementation": attn_implementation} if attn_implementation else {})
+        ).to(self.device_name).eval()
+        self.processor = LibMoEProcessor.from_pretrained(pretrained)
+        if conv_template:
+            self.processor.template = str(conv_template)
+            self.processor.get_template()  # unknown names fail here, listing the known ones
+        self.stops = list(self.processor.get_template().stop_strings)
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
+        self.max_new_tokens = int(max_new_tokens)
+        self.checkpoint = str(checkpoint or pretrained)
+        self.record = parse_bool(return_id_experts)
+        self.layers = parse_int_list(layers_expert_selection)
+        self.placements = parse_placements(placements)
+        self.writer = None
+        if self.record:
+            if not trace_dir:
+                raise ValueError("libmoe: return_id_experts=true needs trace_dir=<dir> (libmoe eval sets it)")
+            if not self.model.config.moe:
+                raise ValueError(f"libmoe: return_id_experts=true but {pretrained} has no MoE layers")
+            self.writer = TraceWriter(trace_dir, overwrite=True, prefix=f"part-r{self.rank}")
+
+    # ------------------------------------------------------------------ helpers
+    def _doc(self, task: str, split: str, doc_id: int):
+        return self.task_dict[task][split][doc_id]
+
+    def _visuals(self, doc_to_visual, task, split, doc_id) -> list:
+        return _images(doc_to_visual(self._doc(task, split, doc_id))) if doc_to_visual else []
+
+    def _inputs(self, prompts: list[str], images: list[list]) -> dict:
+        batch = self.processor(prompts, [ims or None for ims in images], padding_side="left")
+        return {k: v.to(self.device_name) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ generation
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = defaultdict(list)  # same generation settings batch together
+        for i, request in enumerate(requests):
+            groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
+        bar = tqdm(total=len(requests), desc="libmoe generate", disable=self.rank != 0)
+        for indices in groups.values():
+            indices.sort(key=lambda i: -len(requests[i].args[0]))  # similar lengths share a batch
+            for start in range(0, len(indices), self.batch_size_per_gpu):
+                chunk = indices[start : start + self.batch_size_per_gpu]
+                for i, text in zip(chunk, self._generate_batch([requests[i] for i in chunk])):
+                    answers[i] = text
+                bar.update(len(chunk))
+        bar.close()
+        return answers
+
+    @torch.no_grad()
+    def _generate_batch(self, requests: list[Instance]) -> list[str]:
+        contexts, images, stops = [], [], []
+        gen_kwargs = dict(requests[0].args[1] or {})
+        for request in requests:
+            context, kwargs, doc_to_visual, doc_id, task, split = request.args
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            contexts.append(self.processor.prompt(context, num_images=len(visuals)))
+            images.append(visuals)
+            until = (kwargs or {}).get("until") or []
+            stops.append(([until] if isinstance(until, str) else list(until)) + self.stops)
+        inputs = self._inputs(contexts, images)
+        temperature = float(gen_kwargs.get("temperature", 0) or 0)
+        settings = dict(
+            max_new_tokens=min(int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens),
+            do_sample=temperature > 0, num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
+        )
+        if temperature > 0:
+            settings.update(temperature=temperature, top_p=gen_kwargs.get("top_p") or 1.0)
+        if self.writer is None:
+            output = self.model.generate(**inputs, **settings)
+        else:
+            from ..model.routing import capture_routing
+
+            with capture_routing(self.model, self.placements, self.layers) as recorder:
+                output = self.model.generate(**inputs, **settings)
+        prompt_width = inputs["input_ids"].shape[1]
+        new_tokens = output[:, prompt_width:]
+        texts = [_cut(t, s) for t, s in zip(self.processor.batch_decode(new_tokens), stops)]
+        if self.writer is not None:
+            self._write_traces(recorder, requests, inputs["attention_mask"], new_tokens)
+        return texts
+
+    def _generated_lengths(self, new_tokens: torch.Tensor) -> list[int]:
+        """Tokens each sample really generated (up to and including its first end token)."""
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        lengths = []
+        for row in new_tokens.tolist():
+            n = next((j + 1 for j, tok in enumerate(row) if tok in eos), len(row))
+            lengths.append(n)
+        return lengths
+
+    def _write_traces(self, recorder, requests, attention_mask, new_tokens) -> None:
+        """One block per (layer, document); generated tokens past a sample's end are dropped."""
+        prompt_len = attention_mask.sum(-1).cpu()  # [B] real prompt tokens
+        limit = prompt_len + torch.tensor(self._generated_lengths(new_tokens))  # [B] exclusive
+        by_layer = defaultdict(list)
+        for record in recorder.records:
+            by_layer[(record.placement, record.layer)].append(record)
+        for (placement, layer), records in by_layer.items():
+            sample = torch.cat([r.sample for r in records])
+            position = torch.cat([r.position for r in records])
+            kind = torch.cat([r.kind for r in records])
+            experts = torch.cat([r.experts for r in records])
+            weights = torch.cat([r.weights for r in records])
+            probs = torch.cat([r.probs for r in records])
+            keep = (sample >= 0) & ((kind != 2) | (position < limit[sample.clamp(min=0)]))
+            for b, request in enumerate(requests):
+                rows = keep & (sample == b)
+                if rows.any():
+                    _, _, _, doc_id, task, _ = request.args
+                    self.writer.add_block(task, doc_id, self.checkpoint, placement, layer, position[rows],
+                                          kind[rows], experts[rows], weights[rows], probs[rows])
+
+    # ------------------------------------------------------------------ likelihood
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        results = []
+        for request in tqdm(requests, desc="libmoe loglikelihood", disable=self.rank != 0):
+            context, continuation, doc_to_visual, doc_id, task, split = request.args
+            if callable(continuation):  # output_type loglikelihood passes doc_to_target
+                continuation = continuation(self._doc(task, split, doc_id))
+            visuals = self._visuals(doc_to_visual, task, split, doc_id)
+            inputs = self._inputs([self.processor.prompt(context, num_images=len(visuals))], [visuals])
+            target = self.processor.tokenizer(str(continuation), add_special_tokens=False)["input_ids"]
+            if not target:
+                raise ValueError(f"libmoe: empty continuation for {task} doc {doc_id}")
+            target_ids = torch.tensor([target], device=self.device_name)
+            input_ids = torch.cat([inputs["input_ids"], target_ids], dim=1)
+            attention = torch.cat([inputs["attention_mask"], torch.ones_like(target_ids)], dim=1)
+            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            logits = self.model(input_ids=input_ids, attention_mask=attention, **extra).logits
+            pred = logits[0, -len(target) - 1 : -1].float().log_softmax(-1)  # [n, V] predicting the target
+            logprob = pred.gather(-1, target_ids[0].unsqueeze(-1)).sum().item()
+            greedy = bool((pred.argmax(-1) == target_ids[0]).all())
+            results.append((logprob, greedy))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("libmoe does not implement multi-round generation (no LibMoE benchmark needs it)")
+
+    def clean(self):
+        if self.writer is not None:
+            self.writer.close()
+        super().clean()

@@ -1,0 +1,1 @@
+"""The easy-VQA test split as an lmms-eval task (``easyvqa``)."""
