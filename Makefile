@@ -17,10 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	@$(PY) -m pip install -q --upgrade pip
 	@# Keep a torch the user already has (e.g. a CUDA build); install the CPU default otherwise.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_DEFAULT)
-	@# Pin whatever torch is present so no dependency can swap it for another build.
-	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	@# Pin whatever torch is present so no dependency can swap it for another build; lmms-eval
+	@# needs filelock<4. With the CPU torch 2.13.0, PyPI's torchvision cannot load and breaks
+	@# transformers, so it is removed after the install (libmoe-kit and lmms-eval's CLI run without it).
+	@$(PY) -c "import torch; v = torch.__version__; print('torch==' + v); print('torchvision==0.28.0' if v.startswith('2.13.0') else '')" > $(VENV)/constraints.txt
 	@echo "filelock<4" >> $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev,eval]"
+	@$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision 2>/dev/null || true
+	@$(PY) -c "import transformers.models.siglip, lmms_eval" || (echo "set-up check failed: transformers/lmms-eval do not import"; exit 1)
 	@$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (libmoe-kit)" >/dev/null
 	@touch $@
 

@@ -60,9 +60,10 @@ def test_prepared_yaml_loads_in_lmms_eval(tmp_path):
 
 def test_prompt_and_image(records):
     doc = records[0]
+    question = doc["question"][:1].upper() + doc["question"][1:]  # as in the training records
     text = task.easyvqa_doc_to_text(doc, {"pre_prompt": "Q: ", "post_prompt": "\nShort answer."})
-    assert text == f"Q: {doc['question']}\nShort answer."
-    assert task.easyvqa_doc_to_text(doc) == doc["question"]
+    assert text == f"Q: {question}\nShort answer."
+    assert task.easyvqa_doc_to_text(doc) == question
     (image,) = task.easyvqa_doc_to_visual(doc)
     assert image.mode == "RGB" and image.size[0] > 0
 

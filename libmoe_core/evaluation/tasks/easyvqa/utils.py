@@ -46,9 +46,14 @@ def easyvqa_doc_to_visual(doc: dict) -> list:
 
 
 def easyvqa_doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str:
-    """``pre_prompt + question + post_prompt`` (no image placeholder: the model adds its own)."""
+    """``pre_prompt + Question + post_prompt`` (no image placeholder: the model adds its own).
+
+    The question's first letter is capitalised, as in the kit's easy-VQA training records.
+    """
     kwargs = lmms_eval_specific_kwargs or {}
-    return f"{kwargs.get('pre_prompt', '')}{doc['question'].strip()}{kwargs.get('post_prompt', '')}"
+    question = doc["question"].strip()
+    question = question[:1].upper() + question[1:]
+    return f"{kwargs.get('pre_prompt', '')}{question}{kwargs.get('post_prompt', '')}"
 
 
 def easyvqa_process_results(doc: dict, results: list) -> dict:

@@ -1,0 +1,154 @@
+"""The `libmoe` lmms-eval model: batch invariance, traces against the model's own routing,
+loglikelihood, and a run through the real `python -m lmms_eval` CLI."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval not installed")
+
+QUESTIONS = ["What color is the shape?", "Is there a red circle?", "What shape is it?", "Is it blue?", "Name a shape.",
+             "Does the image not contain a triangle?"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from libmoe_core.model.presets import build_model, build_processor
+
+    torch.manual_seed(0)
+    model = build_model("tiny", moe_vision=True, moe_projector=True, moe_llm_layers=[1, 3])
+    with torch.no_grad():  # sharpen the random LM head: greedy answers are not near-ties
+        model.language_model.lm_head.weight.mul_(8)
+    model.generation_config.eos_token_id = None  # every sample generates max_new_tokens
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(path)
+    build_processor("tiny").save_pretrained(path)
+    return path
+
+
+def docs():
+    rng = np.random.default_rng(0)
+    out = []
+    for i, q in enumerate(QUESTIONS):
+        images = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(1 if i % 3 else 2)]
+        out.append({"question": q, "images": [] if i == 4 else images})  # doc 4 is text-only
+    return out
+
+
+class Request:
+    """The part of lmms-eval's Instance the model reads."""
+
+    def __init__(self, args):
+        self.args = args
+
+
+def make(path, **kwargs):
+    from libmoe_core.evaluation.lmms_model import LibMoE
+
+    lm = LibMoE(pretrained=str(path), **kwargs)
+    lm.task_dict = {"toy": {"test": docs()}}
+    return lm
+
+
+def gen_requests(max_new_tokens=5):
+    kwargs = {"max_new_tokens": max_new_tokens, "until": ["\n\n"], "do_sample": False}
+    return [Request((d["question"], dict(kwargs), lambda doc: doc["images"], i, "toy", "test")) for i, d in enumerate(docs())]
+
+
+def test_batch_size_does_not_change_answers(checkpoint):
+    one = make(checkpoint, batch_size=1).generate_until(gen_requests())
+    four = make(checkpoint, batch_size=4).generate_until(gen_requests())
+    assert one == four
+    assert len(one) == len(QUESTIONS) and all(isinstance(a, str) for a in one)
+    assert len(set(one)) > 1, "answers are all the same: the check would be vacuous"
+
+
+def test_traces_match_the_models_own_routing(checkpoint, tmp_path):
+    from libmoe_core.analysis.schema import TRACE_SCHEMA
+    from libmoe_core.evaluation.traces import read_traces
+
+    lm = make(checkpoint, batch_size=3, return_id_experts=True, trace_dir=str(tmp_path / "traces"),
+              layers_expert_selection="0;3", checkpoint="ckpt-a")
+    steps = 4
+    lm.generate_until(gen_requests(steps))
+    proc, model = lm.processor, lm.model
+    lm.clean()  # closes the trace writer (and, as lmms-eval's base class does, drops the model)
+    table = read_traces(tmp_path / "traces")
+    assert table.schema.equals(TRACE_SCHEMA, check_metadata=False)
+    df = table.to_pandas()
+    assert set(df["checkpoint"]) == {"ckpt-a"} and set(df["task"]) == {"toy"}
+    assert set(zip(df["placement"], df["layer"])) == {("vision", 0), ("projector", 0), ("llm", 3)}
+
+    patches = model.config.patch_grid ** 2
+    for doc_id, doc in enumerate(docs()):
+        n_images = len(doc["images"])
+        prompt = proc.prompt(doc["question"], num_images=n_images)
+        prompt_len = len(proc.encode(prompt, n_images))
+        rows = df[df["doc_id"] == doc_id]
+        counts = rows.groupby(["placement", "token_kind"]).size().to_dict()
+        assert counts.get(("vision", "image"), 0) == n_images * patches
+        assert counts.get(("projector", "image"), 0) == n_images * model.config.num_image_tokens
+        assert counts.get(("llm", "image"), 0) == n_images * model.config.num_image_tokens
+        assert counts[("llm", "text")] == prompt_len - n_images * model.config.num_image_tokens
+        assert counts[("llm", "generated")] == steps - 1  # the last generated token is never fed back
+        experts = np.stack(rows["experts"].to_numpy())
+        assert ((experts >= 0) & (experts < rows["num_experts"].to_numpy()[:, None])).all()
+
+    # the prompt rows of one document equal the model's own routing for that input alone
+    doc = docs()[1]
+    inputs = proc([proc.prompt(doc["question"], num_images=1)], [doc["images"]])
+    with torch.no_grad():
+        model(**inputs)
+    own = model.language_model.model.layers[3].mlp.last_routing
+    rows = df[(df["doc_id"] == 1) & (df["placement"] == "llm") & (df["token_kind"] != "generated")].sort_values("position")
+    assert rows["position"].tolist() == list(range(inputs["input_ids"].shape[1]))
+    np.testing.assert_array_equal(np.stack(rows["experts"].to_numpy()), own.experts[0].numpy())
+    np.testing.assert_allclose(np.stack(rows["weights"].to_numpy()), own.weights[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.stack(rows["probs"].to_numpy()), own.probs[0].numpy(), atol=1e-5)
+
+
+def test_loglikelihood_prefers_the_greedy_answer(checkpoint):
+    lm = make(checkpoint)
+    doc_id = 1
+    (greedy,) = make(checkpoint).generate_until([gen_requests(1)[doc_id]])
+    visual = lambda doc: doc["images"]  # noqa: E731
+    scores = lm.loglikelihood([Request((QUESTIONS[doc_id], " " + w, visual, doc_id, "toy", "test"))
+                               for w in ("zebra", "quantum")])
+    assert all(lp < 0 for lp, _ in scores)
+    assert scores[0][0] != scores[1][0]
+    # the greedy one-token answer is greedy under loglikelihood too
+    token = lm.processor.tokenizer(greedy, add_special_tokens=False)["input_ids"]
+    if len(token) == 1:
+        ((lp, is_greedy),) = lm.loglikelihood([Request((QUESTIONS[doc_id], greedy, visual, doc_id, "toy", "test"))])
+        assert is_greedy
+
+
+def test_unknown_model_argument_and_template(checkpoint):
+    with pytest.raises(ValueError, match="unknown model arguments"):
+        make(checkpoint, temperature_boost=3)
+    with pytest.raises(ValueError, match="no_such_template"):
+        make(checkpoint, conv_template="no_such_template")
+
+
+@pytest.mark.slow
+def test_real_lmms_eval_cli_on_easyvqa(checkpoint, tmp_path):
+    from libmoe_core.evaluation.local_tasks import prepare_local_tasks
+
+    include = prepare_local_tasks(["easyvqa"], tmp_path / "tasks")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--model", "libmoe", "--model_args", f"pretrained={checkpoint}",
+         "--tasks", "easyvqa", "--include_path", str(include), "--limit", "8", "--batch_size", "4",
+         "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=600, check=False)
+    results = list((tmp_path / "out").rglob("*_results.json"))
+    assert results, proc.stdout[-3000:] + proc.stderr[-3000:]
+    accuracy = json.loads(results[0].read_text())["results"]["easyvqa"]["exact_match,none"]
+    assert 0.0 <= accuracy <= 1.0
