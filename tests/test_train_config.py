@@ -23,6 +23,10 @@ def test_file_then_overrides(tmp_path):
     f.write_text("router: cosine\ntop_k: 1\nlearning_rate: 0.01\n")
     cfg = resolve_config("sft", str(f), parse_overrides(["router=sigmoid", "moe_llm_layers=[0, 1]", "max_steps=2"]))
     assert (cfg.router, cfg.top_k, cfg.learning_rate, cfg.moe_llm_layers, cfg.max_steps) == ("sigmoid", 1, 0.01, [0, 1], 2)
+    assert resolve_config("sft", overrides=parse_overrides(["learning_rate=3e-3"])).learning_rate == 0.003
+    assert cfg.stage_dir.name == "sft-sigmoid"  # one sft folder per router
+    assert resolve_config("sft", overrides={"stage_tag": "x"}).stage_dir.name == "sft-x"
+    assert resolve_config("pft").stage_dir.name == "pft"
 
 
 def test_gradient_accumulation_is_derived_and_checked():

@@ -147,7 +147,8 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     template = stage_template(cfg, processor)
     collator = VLMCollator(processor.tokenizer, template, lambda im: processor.preprocess_images([im])[0],
                            processor.image_token_id, processor.num_image_tokens, pad_token_id=processor.pad_token_id)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=12,
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=12,
                              learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                              remove_unused_columns=False, disable_tqdm=True, train_sampling_strategy="sequential")
     trainer = MoETrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
@@ -156,5 +157,9 @@ def test_loss_falls_on_a_fixed_batch(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     lm = [r["lm_loss"] for r in rows if "lm_loss" in r]
     assert len(lm) == 12 and lm[-1] < 0.6 * lm[0], lm
+    for r in rows:  # the logged loss is the mean over accumulation steps, not their sum
+        if "lm_loss" in r:
+            aux = sum(v for k, v in r.items() if k.startswith("aux/"))
+            assert r["loss"] == pytest.approx(r["lm_loss"] + aux, rel=1e-3), r
     hyper_k = [r["hyper_k"] for r in rows if "hyper_k" in r]
     assert hyper_k[0] == 1 and hyper_k[-1] == 2, hyper_k  # k annealed from k_min to top_k by the trainer

@@ -38,9 +38,8 @@ def stage_config(stage: str, **params) -> TrainConfig:
     if not isinstance(run_name, str) or "/" in run_name:
         raise ValueError(f"parameter 'run_name' must be a folder name, got {run_name!r}")
     overrides = {"run_dir": str(Path(params.get("runs_root") or "runs") / run_name)}
-    tag = params.get("stage_tag") or (params.get("router") if stage == "sft" else None)
-    if tag:
-        overrides["stage_tag"] = tag  # several sft runs (one per router) live side by side
+    if params.get("stage_tag"):
+        overrides["stage_tag"] = params["stage_tag"]  # sft defaults to the router's name
     for name, key in PARAMETER_KEYS.items():
         if params.get(name) is not None:
             overrides[key] = params[name]

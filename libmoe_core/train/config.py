@@ -142,6 +142,11 @@ def _coerce(name: str, value):
     for kind in allowed:
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if kind is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -177,6 +182,8 @@ def resolve_config(stage: str, config_file: str | None = None, overrides: dict |
     preset = values.get("preset", TrainConfig.preset)
     defaults = dict(TINY_RECIPE if preset == "tiny" else SEED_RECIPE)[stage]
     merged = {**defaults, **values, "stage": stage}
+    if stage == "sft" and not merged.get("stage_tag"):
+        merged["stage_tag"] = merged.get("router", TrainConfig.router)  # one sft folder per router
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
     validate(cfg)
     return cfg

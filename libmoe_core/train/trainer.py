@@ -36,6 +36,9 @@ class MoETrainer(Trainer):
 
     def __init__(self, *args, modality_lengths: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        # compute_loss returns each micro-batch's mean loss; HF must divide it by the
+        # accumulation steps (it would not if it believed the model normalised by token count).
+        self.loss_is_scaled_for_ga = False
         self.modality_lengths = modality_lengths
         self._sums: dict[str, float] = defaultdict(float)
         self._micro_steps = 0

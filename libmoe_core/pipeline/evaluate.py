@@ -1,0 +1,120 @@
+"""The evaluation stage: run lmms-eval on a trained model, score easy-VQA per question type
+with standard errors, and compare with baselines that never look at the image."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+QUESTION_TYPES = ("colour", "shape", "yesno")
+
+
+def eval_dir(run_dir: str | Path, router: str) -> Path:
+    return Path(run_dir) / f"eval-{router}"
+
+
+def run_eval_stage(model_path: str | Path, out_dir: str | Path, *, tasks=("easyvqa",), limit: int | None = None,
+                   batch_size: int = 8, record_experts: bool = True, layers=None, placements=None,
+                   checkpoint: str | None = None) -> dict:
+    """Evaluate ``model_path``; writes ``eval_summary.json`` in ``out_dir`` and returns it."""
+    from ..evaluation.benchmarks import expand_tasks
+    from ..evaluation.runner import EvalConfig, run_evaluation
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise FileNotFoundError(f"model_path: no saved model in {model_path}; run the sft stage first")
+    task_list = expand_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
+    cfg = EvalConfig(
+        model_path=str(model_path), tasks=task_list, output_path=Path(out_dir), batch_size=batch_size, limit=limit,
+        return_id_experts=record_experts, layers=layers, placements=tuple(placements) if placements else None,
+        log_samples=True, extra_model_args={"checkpoint": checkpoint or model_path.parent.name},
+    )
+    outcome = run_evaluation(cfg, overwrite_traces=True, stream=None)
+    summary = {
+        "model_path": str(model_path), "results_file": str(outcome.results_path), "tasks": task_list,
+        "metrics": [row.__dict__ if hasattr(row, "__dict__") else list(row) for row in outcome.rows],
+        "traces": str(outcome.trace_dir) if outcome.trace_dir else None,
+    }
+    if "easyvqa" in task_list:
+        scores = easyvqa_scores(Path(out_dir))
+        summary["easyvqa"] = accuracy_by_type(scores)
+        summary["easyvqa_doc_ids"] = sorted(d for d, _, _ in scores)
+    (Path(out_dir) / "eval_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def easyvqa_scores(out_dir: Path) -> list[tuple[int, str, float]]:
+    """(doc_id, question_type, score) of every easyvqa document in the run's sample log."""
+    files = sorted(Path(out_dir).rglob("*_samples_easyvqa.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no easyvqa sample log under {out_dir} (was --log_samples on?)")
+    rows = []
+    for line in files[-1].read_text().splitlines():
+        if line.strip():
+            sample = json.loads(line)
+            typed = sample["exact_match_colour"]  # {"question_type", "score"} for every document
+            rows.append((int(sample["doc_id"]), typed["question_type"], float(typed["score"])))
+    return rows
+
+
+def accuracy_by_type(scores) -> dict:
+    """{"overall" | type: {"accuracy", "stderr", "n"}}; stderr = sqrt(p (1 - p) / n)."""
+    groups = defaultdict(list)
+    for _, qtype, score in scores:
+        groups["overall"].append(score)
+        groups[qtype].append(score)
+    out = {}
+    for name in ("overall", *QUESTION_TYPES):
+        values = groups.get(name, [])
+        n = len(values)
+        p = sum(values) / n if n else math.nan
+        out[name] = {"accuracy": p, "stderr": math.sqrt(p * (1 - p) / n) if n else math.nan, "n": n}
+    return out
+
+
+def _normalise(question: str) -> str:
+    return " ".join(question.lower().strip().rstrip("?").split())
+
+
+def easyvqa_baselines(doc_ids: list[int] | None = None) -> dict:
+    """Majority-answer and question-only baselines on the given test documents.
+
+    majority: the most frequent training answer for every question. question-only: the
+    most frequent training answer of the same question string (never looks at the image;
+    unseen questions fall back to the majority answer).
+    """
+    from easy_vqa import get_train_questions
+
+    from ..evaluation.local_tasks import easyvqa_records
+    from ..evaluation.tasks.easyvqa.utils import normalize_answer
+
+    train_q, train_a, _ = get_train_questions()
+    majority = Counter(train_a).most_common(1)[0][0]
+    by_question = defaultdict(Counter)
+    for q, a in zip(train_q, train_a):
+        by_question[_normalise(q)][a] += 1
+    docs = easyvqa_records()
+    chosen = [docs[i] for i in doc_ids] if doc_ids is not None else docs
+    out = {}
+    for name, answer in (("majority answer", lambda d: majority),
+                         ("question only", lambda d: (by_question.get(_normalise(d["question"])) or Counter({majority: 1})).most_common(1)[0][0])):
+        scores = [(d["doc_id"], d["question_type"], float(normalize_answer(answer(d)) == normalize_answer(d["answer"])))
+                  for d in chosen]
+        out[name] = accuracy_by_type(scores)
+    return out
+
+
+def accuracy_table(rows: dict[str, dict]):
+    """DataFrame: one row per system, columns overall / colour / shape / yes-no as 'acc ± se'."""
+    import pandas as pd
+
+    labels = {"overall": "overall", "colour": "colour", "shape": "shape", "yesno": "yes/no"}
+    table = {
+        system: {labels[k]: f"{v[k]['accuracy']:.3f} ± {v[k]['stderr']:.3f}" for k in labels if k in v}
+        for system, v in rows.items()
+    }
+    frame = pd.DataFrame(table).T
+    frame.index.name = "system"
+    return frame
