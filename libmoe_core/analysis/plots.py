@@ -1,0 +1,160 @@
+"""Seaborn figures for the analysis notebooks. Each function returns a matplotlib Figure.
+
+Figures are built with :mod:`matplotlib.figure` objects through ``plt.subplots`` so
+notebooks show them inline; :func:`save_figure` writes a PNG (headless runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import metrics as M
+from .accumulate import RoutingStats
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt, sns
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def save_figure(fig, out_dir: str | os.PathLike, name: str, dpi: int = 110) -> str:
+    """Save ``fig`` as ``out_dir/name.png`` (directory created) and return the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(os.fspath(out_dir), name if name.endswith(".png") else f"{name}.png")
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def entropy_curves(table, metrics=("router_entropy_norm", "top1_entropy_norm", "topk_weight_entropy", "margin"),
+                   hue: str = "placement", style: str | None = None):
+    """Per-layer curves of entropy-type metrics, one panel per metric, one line per ``hue``."""
+    plt, sns = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        sns.lineplot(data=table, x="layer", y=metric, hue=hue, style=style, marker="o", ax=ax, errorbar=None)
+        ax.set_title(metric)
+        ax.set_ylabel("")
+        _integer_x(ax)
+        if ax is not axes[0][-1] and ax.get_legend():
+            ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def entropy_distribution(stats: RoutingStats, placement: str, **filters):
+    """Heatmap layers x normalised-entropy bins: share of tokens per bin (router entropy / ln E)."""
+    plt, sns = _plt()
+    hist = stats.entropy_histogram(placement=placement, **filters)
+    table = hist.pivot_table(index="layer", columns="bin_lo", values="share", aggfunc="mean")
+    table.columns = [f"{c:.2f}" for c in table.columns]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(table) + 1.6))
+    sns.heatmap(table, cmap="viridis", ax=ax, cbar_kws={"label": "share of tokens"})
+    ax.set_xlabel("router entropy / ln E (bin start)")
+    ax.set_title(f"{placement}: distribution of per-token router entropy")
+    fig.tight_layout()
+    return fig
+
+
+def load_heatmap(stats: RoutingStats, placement: str, **filters):
+    """Heatmap layers x experts of the load share (ideal 1/E), annotated when small."""
+    plt, sns = _plt()
+    table = stats.load_matrix(placement, **filters)
+    e = table.shape[1]
+    fig, ax = plt.subplots(figsize=(max(4, 0.55 * e + 2), 0.45 * len(table) + 1.6))
+    sns.heatmap(table, cmap="rocket_r", vmin=0, annot=e <= 16, fmt=".2f", ax=ax, cbar_kws={"label": "load share"})
+    ax.set_title(f"{placement}: expert load (ideal {1 / e:.3f})")
+    fig.tight_layout()
+    return fig
+
+
+def max_load_bars(table, max_load_ratio: float | None = None):
+    """Max-load ratio per (placement, layer); a dashed line at the alarm threshold; flagged bars red."""
+    plt, _ = _plt()
+    data = table.assign(group=table["placement"] + ":" + table["layer"].astype(str))
+    flagged = data["alarm"].map(bool) if "alarm" in data else np.zeros(len(data), bool)
+    fig, ax = plt.subplots(figsize=(max(5, 0.4 * len(data) + 2), 3.4))
+    colors = ["tab:red" if f else "tab:blue" for f in flagged]
+    ax.bar(range(len(data)), data["max_load_ratio"], color=colors)
+    ax.set_xticks(range(len(data)), data["group"], rotation=60, ha="right")
+    ax.axhline(1.0, color="grey", lw=1)
+    if max_load_ratio is not None:
+        ax.axhline(max_load_ratio, color="tab:red", ls="--", lw=1, label=f"alarm >= {max_load_ratio:g}")
+        ax.legend()
+    ax.set_ylabel("max load / ideal")
+    ax.set_title("expert collapse: max-load ratio per layer (red: flagged)")
+    fig.tight_layout()
+    return fig
+
+
+def specialisation_heatmap(stats: RoutingStats, placement: str, layer: int, of: str = "task", lift: bool = True, **filters):
+    """Heatmap tasks (or token kinds) x experts: P(expert | task) / P(expert) (``lift``) or P(expert | task)."""
+    plt, sns = _plt()
+    joint = stats.joint(placement, layer, of=of, **filters)
+    cond = joint.div(joint.sum(axis=1), axis=0)
+    marginal = joint.sum(axis=0) / max(joint.to_numpy().sum(), 1)
+    data = cond.div(marginal.replace(0, np.nan), axis=1) if lift else cond
+    fig, ax = plt.subplots(figsize=(max(4, 0.55 * data.shape[1] + 2), 0.5 * len(data) + 1.6))
+    kw = {"center": 1.0, "cmap": "vlag"} if lift else {"cmap": "mako_r", "vmin": 0}
+    sns.heatmap(data, annot=data.shape[1] <= 16, fmt=".2f", ax=ax, **kw)
+    mi = M.mutual_information(joint.to_numpy())
+    ax.set_title(f"{placement} layer {layer}: {'lift' if lift else 'P(expert | ' + of + ')'}  (MI {mi:.3f} nats)")
+    fig.tight_layout()
+    return fig
+
+
+def switch_rate_curves(comparison, hue: str = "layer"):
+    """Switch rate (vs previous) and saturation (vs final) over checkpoints, one panel pair per placement."""
+    plt, sns = _plt()
+    places = list(dict.fromkeys(comparison["placement"]))
+    order = list(dict.fromkeys(comparison["checkpoint"]))
+    fig, axes = plt.subplots(len(places), 2, figsize=(10, 3.2 * len(places)), squeeze=False)
+    for row, place in zip(axes, places):
+        part = comparison[comparison["placement"] == place].copy()
+        part["step"] = part["checkpoint"].map({c: i for i, c in enumerate(order)})
+        for ax, metric in zip(row, ("switch_rate", "saturation")):
+            sns.lineplot(data=part, x="step", y=metric, hue=hue, marker="o", ax=ax, errorbar=None, palette="crest")
+            ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+            ax.set_xlabel("checkpoint")
+            ax.set_title(f"{place}: {metric}")
+    fig.tight_layout()
+    return fig
+
+
+def router_comparison(tables: dict, metric: str = "router_entropy_norm"):
+    """Side-by-side panels (one per router / trace name in ``tables``) of ``metric`` per layer and placement."""
+    plt, sns = _plt()
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.4), sharey=True, squeeze=False)
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        sns.lineplot(data=table, x="layer", y=metric, hue="placement", marker="o", ax=ax, errorbar=None)
+        ax.set_title(str(name))
+        _integer_x(ax)
+    fig.suptitle(metric)
+    fig.tight_layout()
+    return fig
+
+
+def metric_over_checkpoints(table, metric: str = "router_entropy_norm", hue: str = "layer"):
+    """``metric`` per checkpoint (x, in the table's order), one panel per placement, one line per layer."""
+    plt, sns = _plt()
+    places = list(dict.fromkeys(table["placement"]))
+    order = list(dict.fromkeys(table["checkpoint"]))
+    fig, axes = plt.subplots(1, len(places), figsize=(4.5 * len(places), 3.4), sharey=True, squeeze=False)
+    for ax, place in zip(axes[0], places):
+        part = table[table["placement"] == place].assign(step=lambda d: d["checkpoint"].map({c: i for i, c in enumerate(order)}))
+        sns.lineplot(data=part, x="step", y=metric, hue=hue, marker="o", ax=ax, errorbar=None, palette="crest")
+        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+        ax.set_xlabel("checkpoint")
+        ax.set_title(f"{place}: {metric}")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,183 @@
+"""Streaming reads of a trace: column projection, record batches, no full load.
+
+Files are read one row group at a time. Strings that name groups (checkpoint,
+placement, task, token_kind) are read dictionary-encoded, so a batch carries small integer codes plus a tiny dictionary.
+List columns are turned into ``[n, width]`` numpy views without copying.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .schema import TRACE_SCHEMA
+
+DEFAULT_BATCH_ROWS = 1 << 18
+_DICT_COLUMNS = ("task", "checkpoint", "placement", "token_kind")
+
+
+class TraceError(ValueError):
+    """A trace that breaks the schema contract (the message names the file and the column)."""
+
+
+def trace_files(path: str | os.PathLike) -> list[str]:
+    """The Parquet files of a trace (a file, or every ``*.parquet`` below a directory), sorted."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"trace not found: {path}")
+    files = []
+    for root, _dirs, names in os.walk(path):
+        files += [os.path.join(root, n) for n in names if n.endswith(".parquet") and not n.startswith((".", "_"))]
+    if not files:
+        raise TraceError(f"trace directory {path} holds no .parquet files")
+    return sorted(files)
+
+
+def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
+    """Check that every file of the trace has ``columns``; return the files.
+
+    Raises :class:`TraceError` naming the first file and column that is missing.
+    Only Parquet footers are read.
+    """
+    files = trace_files(path)
+    columns = list(columns)
+    for f in files:
+        names = set(pq.read_schema(f).names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            expected = ", ".join(f"{fld.name}: {fld.type}" for fld in TRACE_SCHEMA if fld.name in missing)
+            raise TraceError(f"trace file {f} lacks required column(s) {', '.join(missing)} (expected {expected})")
+    return files
+
+
+def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    dictionary = [c for c in _DICT_COLUMNS if c in columns]
+    for f in files:
+        pf = pq.ParquetFile(f, read_dictionary=dictionary)
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
+                if batch.num_rows:
+                    yield batch
+        finally:
+            pf.close()
+
+
+def iter_batches(
+    path: str | os.PathLike, columns: Sequence[str], batch_rows: int = DEFAULT_BATCH_ROWS, prefetch: int = 2
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of ``columns``, files in sorted order, rows in file order.
+
+    Files are read one row group at a time (``pyarrow.parquet.ParquetFile.iter_batches``),
+    so memory is bounded by a row group plus ``prefetch`` batches decoded ahead by a
+    background thread (decoding overlaps the caller's work; 0 disables the thread).
+    """
+    files = check_columns(path, columns)
+    batches = _file_batches(files, list(columns), batch_rows)
+    if prefetch <= 0:
+        yield from batches
+        return
+    yield from _prefetched(batches, prefetch)
+
+
+_END = object()
+
+
+def _prefetched(source: Iterator, depth: int) -> Iterator:
+    """Iterate ``source`` in a background thread, at most ``depth`` items ahead."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the consumer)
+            put(exc)
+
+    thread = threading.Thread(target=work, name="trace-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --------------------------------------------------------------------------- column helpers
+
+
+def codes(array: pa.Array, name: str = "column") -> tuple[np.ndarray, list]:
+    """(integer codes [n], values) of a string column, dictionary-encoding it if needed."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    if not pa.types.is_dictionary(array.type):
+        array = pc.dictionary_encode(array)
+    if array.null_count:
+        raise TraceError(f"column {name} has {array.null_count} null value(s)")
+    return array.indices.to_numpy(zero_copy_only=False), array.dictionary.to_pylist()
+
+
+def ints(array: pa.Array, name: str = "column") -> np.ndarray:
+    """An integer column as numpy (no nulls allowed)."""
+    if array.null_count:
+        raise TraceError(f"column {name} has {array.null_count} null value(s)")
+    return array.to_numpy(zero_copy_only=False)
+
+
+def list_widths(array: pa.Array) -> np.ndarray:
+    """Length of every list of a list column."""
+    if pa.types.is_fixed_size_list(array.type):
+        return np.full(len(array), array.type.list_size, dtype=np.int64)
+    offsets = array.offsets.to_numpy()
+    return np.diff(offsets)
+
+
+def list_matrix(array: pa.Array, name: str = "column") -> np.ndarray | None:
+    """A list column whose lists all have one length as an ``[n, width]`` array (zero copy).
+
+    Returns None when the lengths differ (the caller splits the rows by width).
+    """
+    if array.null_count:
+        raise TraceError(f"column {name} has {array.null_count} null list(s)")
+    n = len(array)
+    if pa.types.is_fixed_size_list(array.type):
+        width = array.type.list_size
+    else:
+        offsets = array.offsets.to_numpy()
+        total = int(offsets[-1] - offsets[0])
+        if n == 0:
+            width = 0
+        else:
+            width = total // n
+            if width * n != total or int(offsets[1] - offsets[0]) != width:
+                return None
+            if not np.all(np.diff(offsets) == width):
+                return None
+    values = array.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(n, width)

@@ -1,0 +1,79 @@
+"""Switch rate, overlap and saturation between hand-made checkpoint traces."""
+
+import numpy as np
+import pytest
+
+from libmoe_core.analysis import TraceError, compare_checkpoints, trace_table, write_synthetic_trace, write_trace
+
+A = [[0, 1], [2, 3], [1, 0], [3, 2]]
+B = [[0, 1], [2, 1], [0, 1], [0, 2]]
+# rank-wise changed slots A->B: 0 + 1 + 2 + 1 = 4 of 8  -> switch rate 0.5
+# shared experts |A ∩ B|: 2 + 1 + 2 + 1 = 6 of 8         -> overlap 0.75
+
+
+def _write(tmp_path, name, experts, order=None, **kw):
+    experts = np.asarray(experts)
+    pos = np.arange(len(experts))
+    if order is not None:
+        experts, pos = experts[order], pos[order]
+    return write_trace(trace_table(experts, num_experts=4, position=pos, checkpoint=name, **kw), tmp_path / f"{name}.parquet")
+
+
+@pytest.mark.parametrize("method", ["zip", "join", "auto"])
+def test_hand_made_switch_rates(tmp_path, method):
+    paths = [_write(tmp_path, "s1", A), _write(tmp_path, "s2", B), _write(tmp_path, "s3", B)]
+    df = compare_checkpoints(paths, method=method).set_index("checkpoint")
+    assert list(df.index) == ["s1", "s2", "s3"]
+    assert np.isnan(df.loc["s1", "switch_rate"]) and np.isnan(df.loc["s1", "overlap"])
+    assert df.loc["s2", "switch_rate"] == pytest.approx(0.5)
+    assert df.loc["s2", "overlap"] == pytest.approx(0.75)
+    assert df.loc["s3", "switch_rate"] == 0 and df.loc["s3", "overlap"] == 1
+    assert df["saturation"].tolist() == pytest.approx([0.75, 1.0, 1.0])
+    assert df["matched"].tolist() == [4, 4, 4]
+
+
+def test_unaligned_rows_fall_back_to_the_join(tmp_path):
+    paths = [_write(tmp_path, "s1", A), _write(tmp_path, "s2", B, order=[3, 1, 0, 2])]
+    df = compare_checkpoints(paths).set_index("checkpoint")  # auto
+    assert df.loc["s2", "switch_rate"] == pytest.approx(0.5)
+    assert df.loc["s1", "saturation"] == pytest.approx(0.75)
+    with pytest.raises(TraceError, match="not row-aligned"):
+        compare_checkpoints(paths, method="zip")
+
+
+def test_partial_overlap_counts_matched_tokens(tmp_path):
+    paths = [_write(tmp_path, "s1", A), _write(tmp_path, "s2", np.asarray(B)[[0, 1]], order=None)]
+    df = compare_checkpoints(paths).set_index("checkpoint")
+    assert df.loc["s2", "matched"] == 2
+    assert df.loc["s2", "switch_rate"] == pytest.approx(1 / 4)  # rows 0, 1: 0 + 1 of 4 slots
+
+
+def test_zip_and_join_agree_on_generated_traces(tmp_path):
+    paths = [
+        write_synthetic_trace(tmp_path / f"c{i}", num_docs=7, tokens_per_doc=10, checkpoint=f"c{i}", progress=p,
+                              docs_per_chunk=3 + i, files=1 + i)
+        for i, p in enumerate([0.0, 0.8, 1.0])
+    ]
+    for by in (None, "task"):
+        z = compare_checkpoints(paths, by=by, method="zip", batch_rows=50)
+        j = compare_checkpoints(paths, by=by, method="join", batch_rows=64)
+        num = ["matched", "switch_rate", "overlap", "saturation"]
+        assert z.drop(columns=num).equals(j.drop(columns=num))
+        np.testing.assert_allclose(z[num].to_numpy(float), j[num].to_numpy(float))
+    # less drift -> higher agreement with the final checkpoint
+    sat = z.groupby("checkpoint", sort=False)["saturation"].mean()
+    assert sat["c0"] < sat["c1"] < sat["c2"] == 1
+
+
+def test_errors(tmp_path):
+    p = _write(tmp_path, "s1", A)
+    with pytest.raises(ValueError, match="two or more"):
+        compare_checkpoints([p])
+    dup = write_trace(trace_table(A, num_experts=4, position=0, checkpoint="d"), tmp_path / "dup.parquet")
+    with pytest.raises(TraceError, match="several rows share"):
+        compare_checkpoints([p, dup])
+    k3 = write_trace(trace_table([[0, 1, 2]] * 4, num_experts=4, checkpoint="k3"), tmp_path / "k3.parquet")
+    with pytest.raises(TraceError, match="top-k differs"):
+        compare_checkpoints([p, k3])
+    with pytest.raises(ValueError, match="auto, zip, join"):
+        compare_checkpoints([p, p], method="x")
