@@ -1,0 +1,55 @@
+"""``libmoe pipeline``: the stage notebooks in order, through papermill (see libmoe_core.pipeline.runner).
+
+    python runners/pipeline.py --preset tiny --router smoe --router sigmoid --run-name demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--router", dest="routers", action="append", help="router for the sft stage (repeatable)")
+    parser.add_argument("--stages", default="pretrain,pft,sft,eval,analysis", help="comma-separated subset, in order")
+    parser.add_argument("--run-name", default="default", help="run folder under --runs-root")
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.PARAM=VALUE",
+                        help="notebook parameter of one stage, e.g. sft.max_steps=2 or eval.limit=200 (repeatable)")
+
+
+def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
+    import yaml
+
+    out: dict[str, dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"--set expects STAGE.PARAM=VALUE, got {item!r}")
+        out.setdefault(stage, {})[name] = yaml.safe_load(raw)
+    return out
+
+
+def run(args) -> int:
+    from libmoe_core.pipeline.runner import execute, plan_pipeline, report
+
+    plan = plan_pipeline(
+        preset=args.preset, routers=args.routers or ["smoe", "sigmoid"], stages=args.stages.split(","),
+        run_name=args.run_name, runs_root=args.runs_root, stage_parameters=parse_stage_overrides(args.overrides),
+    )
+    code = execute(plan)
+    if code == 0:
+        print(report(plan))
+    return code
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

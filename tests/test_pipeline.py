@@ -1,0 +1,117 @@
+"""The notebook pipeline: planning, resumability, failure reporting, parameter validation,
+and (slow) the whole pipeline on the tiny preset through papermill."""
+
+import json
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from libmoe_core.pipeline.evaluate import accuracy_by_type, easyvqa_baselines
+from libmoe_core.pipeline.runner import execute, plan_pipeline
+from libmoe_core.pipeline.stage import stage_config
+
+
+def test_plan_has_one_sft_and_eval_per_router(tmp_path):
+    plan = plan_pipeline(routers=["smoe", "smoe_sigmoidgating"], runs_root=tmp_path, run_name="r")
+    names = [s.name for s in plan.steps]
+    assert names == ["pretrain", "pft", "sft-smoe", "eval-smoe", "sft-sigmoid", "eval-sigmoid", "analysis",
+                     "analysis-smoe", "analysis-sigmoid"]
+    sft = plan.steps[4]
+    assert sft.parameters["router"] == "sigmoid" and sft.output == tmp_path / "r" / "sft-sigmoid" / "sft.ipynb"
+    assert sft.done_marker == tmp_path / "r" / "sft-sigmoid" / "final" / "config.json"
+    assert plan.steps[6].parameters["traces"] == [str(tmp_path / "r" / f"eval-{r}" / "traces") for r in ("smoe", "sigmoid")]
+    with pytest.raises(ValueError, match="unknown stage"):
+        plan_pipeline(stages=["pretrain", "distill"], runs_root=tmp_path)
+    with pytest.raises(ValueError, match="unknown router"):
+        plan_pipeline(routers=["nope"], runs_root=tmp_path)
+
+
+def _notebook(path, code):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x = 1")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(code)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def test_skips_completed_steps_and_stops_at_the_first_failure(tmp_path):
+    nbdir = tmp_path / "nb"
+    _notebook(nbdir / "analysis" / "router_entropy.ipynb", "raise RuntimeError('boom in the notebook')")
+    _notebook(nbdir / "analysis" / "expert_collapse.ipynb", "pass")
+    plan = plan_pipeline(stages=["pretrain", "analysis"], runs_root=tmp_path / "runs", notebook_dir=nbdir)
+    plan.steps[0].done_marker.parent.mkdir(parents=True)
+    plan.steps[0].done_marker.write_text("{}")  # pretrain already done
+    lines = []
+    assert execute(plan, log=lines.append) == 1
+    text = "\n".join(lines)
+    assert "pretrain: already complete, skipped" in text
+    assert "analysis FAILED" in text and str(plan.steps[1].output) in text
+    executed = nbformat.read(plan.steps[1].output, as_version=4)
+    assert "boom in the notebook" in json.dumps(executed.cells[-1].outputs)
+    assert not plan.steps[2].output.exists(), "a step after the failure ran"
+    # fixed notebook: the failed step runs again, later steps follow, a rerun skips everything
+    _notebook(nbdir / "analysis" / "router_entropy.ipynb", "pass")
+    assert execute(plan, log=lines.append) == 0
+    assert all(s.done() for s in plan.steps)
+    lines.clear()
+    assert execute(plan, log=lines.append) == 0 and all("skipped" in line for line in lines)
+
+
+@pytest.mark.parametrize("params,needle", [
+    ({"router": "nope"}, "unknown router 'nope'"),
+    ({"zero_stage": 4}, "zero_stage"),
+    ({"top_k": "two"}, "'top_k' must be int"),
+    ({"learning_rte": 1.0}, "unknown notebook parameter"),
+    ({"run_name": "a/b"}, "run_name"),
+])
+def test_notebook_parameters_are_validated_by_name(params, needle):
+    with pytest.raises(ValueError, match=needle):
+        stage_config("sft", **params)
+
+
+def test_accuracy_and_baselines():
+    scores = [(0, "colour", 1.0), (1, "colour", 0.0), (2, "shape", 1.0), (3, "yesno", 1.0)]
+    table = accuracy_by_type(scores)
+    assert table["overall"]["accuracy"] == 0.75 and table["overall"]["n"] == 4
+    assert table["overall"]["stderr"] == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    assert table["colour"]["accuracy"] == 0.5
+    base = easyvqa_baselines(list(range(1000)))
+    # the question-only baseline never looks at the image, yet beats the majority answer
+    assert 0.3 < base["majority answer"]["overall"]["accuracy"] < 0.45
+    assert base["question only"]["overall"]["accuracy"] > base["majority answer"]["overall"]["accuracy"] + 0.2
+    assert base["question only"]["overall"]["n"] == 1000
+
+
+@pytest.mark.slow
+def test_whole_pipeline_on_the_tiny_preset(tmp_path):
+    small = ["pretrain.max_steps=2", "pft.max_steps=2", "sft.max_steps=2", "eval.limit=8",
+             "pretrain.per_device_batch_size=4", "pretrain.global_batch_size=4", "pft.per_device_batch_size=4",
+             "pft.global_batch_size=4", "sft.per_device_batch_size=4", "sft.global_batch_size=4"]
+    cmd = [sys.executable, "-m", "libmoe_core.cli", "pipeline", "--router", "smoe", "--router", "sigmoid",
+           "--run-name", "t", "--runs-root", str(tmp_path)] + [a for s in small for a in ("--set", s)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run = tmp_path / "t"
+    for folder in ("pretrain", "pft", "sft-smoe", "sft-sigmoid"):
+        assert (run / folder / "final" / "config.json").is_file()
+        assert (run / folder / (folder.split("-")[0] + ".ipynb")).is_file()
+        assert (run / folder / "losses.png").is_file()
+    assert (run / "eval-sigmoid" / "eval_summary.json").is_file()
+    assert list((run / "analysis").rglob("*.png"))
+    assert "router smoe" in proc.stdout and "question only" in proc.stdout and "majority answer" in proc.stdout
+    # resumable: a second call skips every step
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("already complete, skipped") == 9
+
+    # exactly the design card's command, against the same run folder
+    out = tmp_path / "out.ipynb"
+    proc = subprocess.run([sys.executable, "-m", "papermill", "notebooks/sft.ipynb", str(out), "-p", "router", "cosine",
+                           "-p", "preset", "tiny", "-p", "max_steps", "2", "-p", "run_name", "t",
+                           "-p", "runs_root", str(tmp_path), "-p", "per_device_batch_size", "4",
+                           "-p", "global_batch_size", "4"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "sft-cosine" / "final" / "config.json").is_file()
