@@ -152,3 +152,24 @@ def test_real_lmms_eval_cli_on_easyvqa(checkpoint, tmp_path):
     assert results, proc.stdout[-3000:] + proc.stderr[-3000:]
     accuracy = json.loads(results[0].read_text())["results"]["easyvqa"]["exact_match,none"]
     assert 0.0 <= accuracy <= 1.0
+
+
+def test_drop_top1_ablation_through_the_model_class(tmp_path):
+    from libmoe_core.analysis.ablation import drop_top1
+    from libmoe_core.model.presets import build_model, build_processor
+
+    torch.manual_seed(0)  # experts must differ for the ablation to change anything
+    model = build_model("tiny", moe_vision=True, moe_llm_layers="all", noise=0.5)
+    checkpoint = tmp_path / "noisy"
+    model.save_pretrained(checkpoint)
+    build_processor("tiny").save_pretrained(checkpoint)
+
+    visual = lambda doc: doc["images"]  # noqa: E731
+    requests = [Request((QUESTIONS[i], " circle", visual, i, "toy", "test")) for i in (0, 1, 4)]
+    plain = make(checkpoint)
+    baseline = plain.loglikelihood(requests)
+    ablated = make(checkpoint, drop_top1=True).loglikelihood(requests)
+    with drop_top1(plain.model):  # the same ablation applied by hand
+        by_hand = plain.loglikelihood(requests)
+    assert [a for a, _ in ablated] == pytest.approx([b for b, _ in by_hand], abs=1e-5)
+    assert any(abs(a - b) > 1e-4 for (a, _), (b, _) in zip(ablated, baseline))

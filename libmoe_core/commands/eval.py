@@ -46,6 +46,8 @@ def register(sub) -> None:
     p.add_argument("--offline", action="store_true",
                    help="set the Hugging Face offline variables (automatic when all tasks are local)")
     p.add_argument("--dry-run", action="store_true", help="print the lmms-eval command and exit")
+    p.add_argument("--drop-top1", action="store_true",
+                   help="ablation: evaluate as is and with every token's top-1 expert removed; print the change")
     p.set_defaults(func=run)
 
 
@@ -102,6 +104,8 @@ def run(args) -> int:
         if include is not None:
             print(f"# local tasks are prepared into {cfg.output_path / TASKS_DIRNAME} on a real run")
         return 0
+    if args.drop_top1:
+        return _run_drop_top1(cfg, args)
     try:
         outcome = run_evaluation(cfg, offline=True if args.offline else None, overwrite_traces=args.overwrite_traces)
     except (JudgeRequirementError, EvalRunError, ValueError) as exc:
@@ -113,4 +117,28 @@ def run(args) -> int:
     if outcome.trace_dir is not None:
         print(f"routing traces: {outcome.trace_dir}")
     print(f"lmms-eval log: {outcome.log_path}")
+    return 0
+
+
+def _run_drop_top1(cfg, args) -> int:
+    """Evaluate twice (as is, then drop_top1=true) and print each metric's change."""
+    import dataclasses
+
+    from ..evaluation import EvalRunError, JudgeRequirementError, run_evaluation
+
+    values = {}
+    for name, extra in (("baseline", {}), ("drop_top1", {"drop_top1": True})):
+        run_cfg = dataclasses.replace(cfg, output_path=cfg.output_path / name,
+                                      extra_model_args={**cfg.extra_model_args, **extra})
+        try:
+            outcome = run_evaluation(run_cfg, offline=True if args.offline else None, overwrite_traces=True)
+        except (JudgeRequirementError, EvalRunError, ValueError) as exc:
+            print(f"libmoe eval ({name}): {exc}", file=sys.stderr)
+            return 1
+        values[name] = {(r.task, r.metric): r.value for r in outcome.rows if isinstance(r.value, (int, float))}
+    print("\ntask     metric               baseline  drop-top-1    change")
+    for key, base in values["baseline"].items():
+        ablated = values["drop_top1"].get(key)
+        if ablated is not None:
+            print(f"{key[0]:<8} {key[1]:<20} {base:8.4f}  {ablated:10.4f}  {ablated - base:+8.4f}")
     return 0

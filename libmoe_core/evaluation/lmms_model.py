@@ -7,7 +7,8 @@ Model arguments: ``pretrained`` (a saved LibMoEVLMForCausalLM + processor folder
 ``device``/``dtype``/``attn_implementation``, and for routing traces
 ``return_id_experts=true``, ``trace_dir=DIR``, ``layers_expert_selection=1;2;3`` (default:
 all layers), ``placements=vision;llm`` (default: all), ``checkpoint=NAME`` (the trace's
-``checkpoint`` column; default the model path).
+``checkpoint`` column; default the model path). ``drop_top1=true`` runs the drop-top-1
+ablation (each token loses its first-choice expert, the rest renormalised).
 
 Batched greedy generation with left padding; the answers do not depend on the batch
 size (requests are sorted by length for speed and returned in request order).
@@ -15,6 +16,7 @@ size (requests are sorted by length for speed and returned in request order).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 
@@ -74,6 +76,7 @@ class LibMoE(lmms):
         dtype: str = "auto",
         attn_implementation: str | None = None,
         max_batch_size: int | None = None,
+        drop_top1=False,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -98,6 +101,9 @@ class LibMoE(lmms):
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.max_new_tokens = int(max_new_tokens)
         self.checkpoint = str(checkpoint or pretrained)
+        self.drop_top1 = parse_bool(drop_top1)  # ablation: every token loses its top-1 expert
+        if self.drop_top1 and not self.model.config.moe:
+            raise ValueError(f"libmoe: drop_top1=true but {pretrained} has no MoE layers")
         self.record = parse_bool(return_id_experts)
         self.layers = parse_int_list(layers_expert_selection)
         self.placements = parse_placements(placements)
@@ -110,6 +116,14 @@ class LibMoE(lmms):
             self.writer = TraceWriter(trace_dir, overwrite=True, prefix=f"part-r{self.rank}")
 
     # ------------------------------------------------------------------ helpers
+    def _routing_mode(self):
+        """The drop-top-1 ablation context when asked for, else nothing."""
+        if not self.drop_top1:
+            return contextlib.nullcontext()
+        from ..analysis.ablation import drop_top1
+
+        return drop_top1(self.model)
+
     def _doc(self, task: str, split: str, doc_id: int):
         return self.task_dict[task][split][doc_id]
 
@@ -156,13 +170,14 @@ class LibMoE(lmms):
         )
         if temperature > 0:
             settings.update(temperature=temperature, top_p=gen_kwargs.get("top_p") or 1.0)
-        if self.writer is None:
-            output = self.model.generate(**inputs, **settings)
-        else:
-            from ..model.routing import capture_routing
-
-            with capture_routing(self.model, self.placements, self.layers) as recorder:
+        with self._routing_mode():
+            if self.writer is None:
                 output = self.model.generate(**inputs, **settings)
+            else:
+                from ..model.routing import capture_routing
+
+                with capture_routing(self.model, self.placements, self.layers) as recorder:
+                    output = self.model.generate(**inputs, **settings)
         prompt_width = inputs["input_ids"].shape[1]
         new_tokens = output[:, prompt_width:]
         texts = [_cut(t, s) for t, s in zip(self.processor.batch_decode(new_tokens), stops)]
@@ -219,7 +234,8 @@ class LibMoE(lmms):
             input_ids = torch.cat([inputs["input_ids"], target_ids], dim=1)
             attention = torch.cat([inputs["attention_mask"], torch.ones_like(target_ids)], dim=1)
             extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
-            logits = self.model(input_ids=input_ids, attention_mask=attention, **extra).logits
+            with self._routing_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=attention, **extra).logits
             pred = logits[0, -len(target) - 1 : -1].float().log_softmax(-1)  # [n, V] predicting the target
             logprob = pred.gather(-1, target_ids[0].unsqueeze(-1)).sum().item()
             greedy = bool((pred.argmax(-1) == target_ids[0]).all())
