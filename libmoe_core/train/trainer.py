@@ -43,7 +43,7 @@ class MoETrainer(Trainer):
         self._sums: dict[str, float] = defaultdict(float)
         self._micro_steps = 0
         self._tokens = 0
-        self._window_start = time.perf_counter()
+        self._window_start: float | None = None
 
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is None:
@@ -56,7 +56,7 @@ class MoETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k not in MODEL_INPUT_SKIP}
-        if not self._micro_steps:  # the tokens/s window opens at its first micro-step
+        if self._window_start is None:  # the first window opens at the first micro-step
             self._window_start = time.perf_counter()
         outputs = model(**inputs)
         with torch.no_grad():
@@ -83,7 +83,7 @@ class MoETrainer(Trainer):
                 logs["hyper_k"] = ks[0]
             self._sums.clear()
             self._micro_steps = self._tokens = 0
-            self._window_start = time.perf_counter()
+            self._window_start = time.perf_counter()  # the next window includes data loading
         super().log(logs, start_time)
 
 
@@ -109,7 +109,7 @@ class MetricsFileCallback(TrainerCallback):
         if state.is_world_process_zero and logs:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                f.write(json.dumps({"step": state.global_step, "time": round(time.time(), 3), **logs}) + "\n")
 
 
 class AtomicCheckpointCallback(TrainerCallback):
