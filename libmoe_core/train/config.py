@@ -26,11 +26,15 @@ SEED_RECIPE = {
     "pft": dict(learning_rate=2e-6, global_batch_size=24, zero_stage="3-offload"),
     "sft": dict(learning_rate=4e-6, global_batch_size=32, zero_stage="3"),
 }
-# The tiny preset on 2 CPU cores: larger learning rates, small batches, ZeRO-2.
+# The tiny preset on 2 CPU cores (the demo): larger learning rates, small batches, ZeRO-2,
+# step counts sized so the three stages take a few minutes.
 TINY_RECIPE = {
-    "pretrain": dict(learning_rate=3e-3, global_batch_size=32, zero_stage="2", max_length=256),
-    "pft": dict(learning_rate=1e-3, global_batch_size=32, zero_stage="2", max_length=256),
-    "sft": dict(learning_rate=1e-3, global_batch_size=32, zero_stage="2", max_length=256),
+    "pretrain": dict(learning_rate=3e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
+                     max_length=256, max_steps=150),
+    "pft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
+                max_length=256, max_steps=200),
+    "sft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
+                max_length=256, max_steps=600),
 }
 
 
