@@ -27,7 +27,7 @@ def requests_for(docs, max_new_tokens: int):
     from libmoe_core.evaluation.tasks.easyvqa.utils import easyvqa_doc_to_text, easyvqa_doc_to_visual
 
     kwargs = {"max_new_tokens": max_new_tokens, "until": ["\n\n"], "do_sample": False, "temperature": 0}
-    post = {"post_prompt": "\nAnswer the question using a single word or phrase."}
+    post = {"post_prompt": ""}
     return [Request((easyvqa_doc_to_text(d, post), dict(kwargs), easyvqa_doc_to_visual, i, "easyvqa", "test"))
             for i, d in enumerate(docs)]
 

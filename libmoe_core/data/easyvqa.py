@@ -30,7 +30,10 @@ COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("yes", "no")
 QUESTION_TYPES = ("color", "shape", "yes_no")
-SFT_SUFFIX = "Answer the question using a single word or phrase."
+# Version of the files build_easyvqa writes; a cached copy of another version is rebuilt.
+# 2: questions without LLaVA's "Answer the question using a single word or phrase." suffix
+#    (every easy-VQA answer is one word; the suffix was a quarter of each sample's tokens).
+FORMAT_VERSION = 2
 CAPTION_PROMPTS = (
     "Describe the image briefly.",
     "What is in this picture?",
@@ -124,7 +127,7 @@ def _split_records(split: str, per_image, image_ids: list[int], qa_per_record: i
             group = pairs[start:start + qa_per_record]
             conv = []
             for k, (q, a) in enumerate(group):
-                text = f"{q[:1].upper()}{q[1:]}\n{SFT_SUFFIX}"
+                text = f"{q[:1].upper()}{q[1:]}"
                 conv += [{"from": "human", "value": f"{IMAGE_PLACEHOLDER}\n{text}" if k == 0 else text},
                          {"from": "gpt", "value": a}]
             rec = {"id": f"easyvqa-qa-{split}-{img}-{start}", "image": rel, "conversations": conv}
@@ -150,7 +153,8 @@ def build_easyvqa(out_dir: str | Path, *, max_images: int | None = None, qa_per_
     if qa_per_record < 1:
         raise ValueError("qa_per_record must be >= 1")
     out = Path(out_dir)
-    meta: dict = {"name": "easyvqa", "source": "easy-vqa==1.0 (pip)", "qa_per_record": qa_per_record,
+    meta: dict = {"name": "easyvqa", "format_version": FORMAT_VERSION, "source": "easy-vqa==1.0 (pip)",
+                  "qa_per_record": qa_per_record,
                   "question_types": list(QUESTION_TYPES), "answers": list(COLORS + SHAPES + YES_NO), "splits": {}}
     digests: dict[str, set[str]] = {}
     for split in ("train", "test"):

@@ -30,11 +30,11 @@ SEED_RECIPE = {
 # step counts sized so the three stages take a few minutes.
 TINY_RECIPE = {
     "pretrain": dict(learning_rate=3e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
-                     max_length=256, max_steps=150),
+                     max_length=256, max_steps=120),
     "pft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
-                max_length=256, max_steps=200),
+                max_length=256, max_steps=160),
     "sft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
-                max_length=256, max_steps=600),
+                max_length=256, max_steps=820),
 }
 
 

@@ -8,6 +8,7 @@ sft:      the pft model, upcycled to MoE (placements, router, experts, k from th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,10 +27,12 @@ def cache_dir() -> Path:
 
 def easyvqa_dir() -> Path:
     """The embedded dataset, built once from the easy-vqa package (offline)."""
-    from ..data.easyvqa import build_easyvqa
+    from ..data.easyvqa import FORMAT_VERSION, build_easyvqa
 
     root = cache_dir() / "easyvqa"
-    if not (root / "easyvqa_meta.json").is_file():  # build aside, then move into place
+    meta = root / "easyvqa_meta.json"
+    current = meta.is_file() and json.loads(meta.read_text()).get("format_version") == FORMAT_VERSION
+    if not current:  # build aside, then move into place
         staging = root.with_name(f"easyvqa.tmp-{os.getpid()}")
         build_easyvqa(staging)
         shutil.rmtree(root, ignore_errors=True)
