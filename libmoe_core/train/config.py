@@ -27,13 +27,14 @@ SEED_RECIPE = {
     "sft": dict(learning_rate=4e-6, global_batch_size=32, zero_stage="3"),
 }
 # The tiny preset on 2 CPU cores (the demo): larger learning rates, small batches, ZeRO-2,
-# step counts sized so the three stages take a few minutes.
+# step counts sized so the three stages take a few minutes; one micro-batch per step (gradient
+# accumulation costs a second pass of Python overhead per step: 0.39 s vs 0.24 s measured).
 TINY_RECIPE = {
-    "pretrain": dict(learning_rate=3e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
+    "pretrain": dict(learning_rate=3e-3, global_batch_size=32, per_device_batch_size=32, zero_stage="2",
                      max_length=256, max_steps=120),
-    "pft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
+    "pft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=32, zero_stage="2",
                 max_length=256, max_steps=160),
-    "sft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=16, zero_stage="2",
+    "sft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=32, zero_stage="2",
                 max_length=256, max_steps=820),
 }
 
