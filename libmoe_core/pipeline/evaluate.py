@@ -3,6 +3,7 @@ with standard errors, and compare with baselines that never look at the image.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter, defaultdict
@@ -34,7 +35,7 @@ def run_eval_stage(model_path: str | Path, out_dir: str | Path, *, tasks=("easyv
     outcome = run_evaluation(cfg, overwrite_traces=True, stream=None)
     summary = {
         "model_path": str(model_path), "results_file": str(outcome.results_path), "tasks": task_list,
-        "metrics": [row.__dict__ if hasattr(row, "__dict__") else list(row) for row in outcome.rows],
+        "metrics": [dataclasses.asdict(row) for row in outcome.rows],
         "traces": str(outcome.trace_dir) if outcome.trace_dir else None,
     }
     if "easyvqa" in task_list:
