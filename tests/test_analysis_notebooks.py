@@ -45,7 +45,7 @@ def test_analysis_notebook_runs_headless(name, small_run, tmp_path):
     papermill.execute_notebook(
         str(NOTEBOOKS / "analysis" / f"{name}.ipynb"), str(tmp_path / f"{name}.ipynb"),
         parameters={"traces": [str(p) for p in small_run], "out_dir": str(out_dir)},
-        kernel_name="python3", progress_bar=False, cwd=str(tmp_path),
+        kernel_name="python3", progress_bar=False, execution_timeout=600, cwd=str(tmp_path),
     )
     missing = [f for f in ANALYSIS[name] if not (out_dir / f"{f}.png").is_file()]
     assert not missing, f"{name} did not save {missing}"
@@ -55,4 +55,4 @@ def test_analysis_notebook_runs_headless(name, small_run, tmp_path):
 def test_routing_tutorial_runs_headless(tmp_path):
     papermill = pytest.importorskip("papermill")
     papermill.execute_notebook(str(NOTEBOOKS / "tutorials" / "03_routing_analysis.ipynb"), str(tmp_path / "t03.ipynb"),
-                               kernel_name="python3", progress_bar=False, cwd=str(tmp_path))
+                               kernel_name="python3", progress_bar=False, execution_timeout=600, cwd=str(tmp_path))
