@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 test: setup
-	$(PY) -m pytest tests notebooks/tutorials --nbval-lax --nbval-cell-timeout=600
+	$(PY) -m pytest tests notebooks/tutorials --nbval-lax --nbval-cell-timeout=1200 --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"

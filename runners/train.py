@@ -65,8 +65,23 @@ def training_arguments(cfg, world_size: int):
     )
 
 
+def skip_cpu_shm_comm_op() -> None:
+    """On CPU, keep DeepSpeed from JIT-compiling its shared-memory all-reduce op.
+
+    The op is compiled on first use (minutes on a fresh machine) and hangs its peers on CPUs
+    without AVX2/AVX-512 (DeepSpeed's own note); gloo's all-reduce is what remains, which is
+    plenty for the tiny preset. ``LIBMOE_DS_SHM_COMM=1`` turns the op back on.
+    """
+    if torch.cuda.is_available() or os.environ.get("LIBMOE_DS_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # read by deepspeed.comm.torch.build_shm_op
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    skip_cpu_shm_comm_op()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("libmoe.train")
 

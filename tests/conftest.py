@@ -22,3 +22,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _limit_threads_to_the_cpu_quota() -> None:
+    """Under a cgroup quota smaller than the visible cores, use (and pass on) the quota."""
+    from libmoe_core.train.cpus import available_cpus
+
+    cpus = available_cpus()
+    if cpus < (os.cpu_count() or 1) and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(cpus)  # inherited by notebooks, lmms-eval, launchers
+        torch.set_num_threads(cpus)
+
+
+_limit_threads_to_the_cpu_quota()

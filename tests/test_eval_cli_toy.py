@@ -27,7 +27,7 @@ POST_PROMPT = ""  # the easyvqa task's prompt is the question alone
 def _libmoe_eval(tmp_path, *argv):
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_DATASETS_CACHE=str(tmp_path / "hf" / "datasets"))
     return subprocess.run([sys.executable, "-m", "libmoe_core.cli", "eval", *argv], capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
+                          env=env, timeout=1200, check=False)
 
 
 def test_toy_model_on_easyvqa_writes_results_and_traces(tmp_path):

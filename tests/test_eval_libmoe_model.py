@@ -147,7 +147,7 @@ def test_real_lmms_eval_cli_on_easyvqa(checkpoint, tmp_path):
         [sys.executable, "-m", "lmms_eval", "--model", "libmoe", "--model_args", f"pretrained={checkpoint}",
          "--tasks", "easyvqa", "--include_path", str(include), "--limit", "8", "--batch_size", "4",
          "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=600, check=False)
+        capture_output=True, text=True, env=env, timeout=1200, check=False)
     results = list((tmp_path / "out").rglob("*_results.json"))
     assert results, proc.stdout[-3000:] + proc.stderr[-3000:]
     accuracy = json.loads(results[0].read_text())["results"]["easyvqa"]["exact_match,none"]

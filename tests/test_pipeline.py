@@ -22,6 +22,12 @@ def test_plan_has_one_sft_and_eval_per_router(tmp_path):
     assert sft.parameters["router"] == "sigmoid" and sft.output == tmp_path / "r" / "sft-sigmoid" / "sft.ipynb"
     assert sft.done_marker == tmp_path / "r" / "sft-sigmoid" / "final" / "config.json"
     assert plan.steps[6].parameters["traces"] == [str(tmp_path / "r" / f"eval-{r}" / "traces") for r in ("smoe", "sigmoid")]
+    # the comparison step is done per set of routers: a third router makes it run again
+    assert plan.steps[6].done_marker.name == "router_entropy.smoe+sigmoid.ok"
+    three = plan_pipeline(routers=["smoe", "sigmoid", "cosine"], runs_root=tmp_path, run_name="r")
+    plan.steps[6].done_marker.parent.mkdir(parents=True)
+    plan.steps[6].done_marker.write_text("done")
+    assert plan.steps[6].done() and not next(s for s in three.steps if s.name == "analysis").done()
     with pytest.raises(ValueError, match="unknown stage"):
         plan_pipeline(stages=["pretrain", "distill"], runs_root=tmp_path)
     with pytest.raises(ValueError, match="unknown router"):
@@ -88,30 +94,42 @@ def test_accuracy_and_baselines():
 
 @pytest.mark.slow
 def test_whole_pipeline_on_the_tiny_preset(tmp_path):
+    """pretrain + pft by the pipeline, one sft by exactly the design card's papermill command,
+    then the pipeline again: it reuses all three, trains the other router, evaluates both and
+    runs the analysis notebooks. Timeouts are generous: CI machines can be many times slower."""
     small = ["pretrain.max_steps=2", "pft.max_steps=2", "sft.max_steps=2", "eval.limit=8",
              "pretrain.per_device_batch_size=4", "pretrain.global_batch_size=4", "pft.per_device_batch_size=4",
              "pft.global_batch_size=4", "sft.per_device_batch_size=4", "sft.global_batch_size=4"]
     cmd = [sys.executable, "-m", "libmoe_core.cli", "pipeline", "--router", "smoe", "--router", "sigmoid",
            "--run-name", "t", "--runs-root", str(tmp_path)] + [a for s in small for a in ("--set", s)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(cmd + ["--stages", "pretrain,pft"], capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run = tmp_path / "t"
-    for folder in ("pretrain", "pft", "sft-smoe", "sft-sigmoid"):
-        assert (run / folder / "final" / "config.json").is_file()
-        assert (run / folder / (folder.split("-")[0] + ".ipynb")).is_file()
-        assert (run / folder / "losses.png").is_file()
-    assert (run / "eval-sigmoid" / "eval_summary.json").is_file()
-    assert list((run / "analysis").rglob("*.png"))
-    assert "router smoe" in proc.stdout and "question only" in proc.stdout and "majority answer" in proc.stdout
-    # resumable: a second call skips every step
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("already complete, skipped") == 9
+    assert not (run / "sft-smoe").exists(), "--stages pretrain,pft ran more than those stages"
 
-    # exactly the design card's command, against the same run folder
+    # exactly the design card's command (sized for this CPU), against the same run folder
     out = tmp_path / "out.ipynb"
-    proc = subprocess.run([sys.executable, "-m", "papermill", "notebooks/sft.ipynb", str(out), "-p", "router", "cosine",
+    proc = subprocess.run([sys.executable, "-m", "papermill", "notebooks/sft.ipynb", str(out), "-p", "router", "sigmoid",
                            "-p", "preset", "tiny", "-p", "max_steps", "2", "-p", "run_name", "t",
                            "-p", "runs_root", str(tmp_path), "-p", "per_device_batch_size", "4",
-                           "-p", "global_batch_size", "4"], capture_output=True, text=True, timeout=900)
+                           "-p", "global_batch_size", "4"], capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "sft-cosine" / "final" / "config.json").is_file()
+    assert (run / "sft-sigmoid" / "final" / "config.json").is_file() and out.is_file()
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("already complete, skipped") == 3  # pretrain, pft, sft-sigmoid
+    for folder in ("pretrain", "pft", "sft-smoe", "sft-sigmoid"):
+        assert (run / folder / "final" / "config.json").is_file()
+        assert (run / folder / "losses.png").is_file()
+    for folder in ("pretrain", "pft", "sft-smoe"):
+        assert (run / folder / (folder.split("-")[0] + ".ipynb")).is_file()
+    for router in ("smoe", "sigmoid"):
+        summary = json.loads((run / f"eval-{router}" / "eval_summary.json").read_text())
+        assert summary["easyvqa"]["overall"]["n"] == 8
+    assert list((run / "analysis").rglob("*.png"))
+    assert "router smoe" in proc.stdout and "router sigmoid" in proc.stdout
+    assert "question only" in proc.stdout and "majority answer" in proc.stdout
+    # resumable: a third call skips every step
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0 and again.stdout.count("already complete, skipped") == 9

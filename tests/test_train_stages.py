@@ -1,7 +1,8 @@
 """The three stages under DeepSpeed on CPU (2 processes), resume after a kill, data errors.
 
-Each DeepSpeed test launches real processes through `libmoe train`'s launcher; the
-first one on a machine also compiles DeepSpeed's shared-memory op (minutes, cached).
+Each DeepSpeed test launches real processes through `libmoe train`'s launcher (the
+pipeline test covers the three stages under ZeRO-2 with one process, the resume test ZeRO-2
+with two; the three-stage test here runs ZeRO-3, the one with MoE leaf modules).
 """
 
 import json
@@ -34,9 +35,8 @@ def load(path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero", ["2", "3"])
-def test_three_stages_under_deepspeed(tmp_path, zero):
-    run = {"run_dir": str(tmp_path), "zero_stage": zero, **SMALL}
+def test_three_stages_under_zero3(tmp_path):
+    run = {"run_dir": str(tmp_path), "zero_stage": "3", **SMALL}
     pretrain = resolve_config("pretrain", overrides=run)
     launch(pretrain, on_line=lambda line: None)
     launch(resolve_config("pft", overrides=run), on_line=lambda line: None)
@@ -78,6 +78,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     common = {"max_steps": 10, "save_steps": 3, "per_device_batch_size": 8, "global_batch_size": 16, "num_procs": 2,
               "max_samples": 400, "learning_rate": 3e-3}
     straight = resolve_config("pretrain", overrides={"run_dir": str(tmp_path / "a"), **common})
+    assert straight.zero_stage == "2" and straight.num_procs == 2
     launch(straight, on_line=lambda line: None)
 
     killed = resolve_config("pretrain", overrides={"run_dir": str(tmp_path / "b"), **common})
@@ -86,7 +87,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     proc = subprocess.Popen(build_command(killed, killed.stage_dir / "config.yaml"), env=launch_env(2),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     marker = killed.checkpoint_dir / "checkpoint-3" / "COMPLETE"
-    deadline = time.time() + 600
+    deadline = time.time() + 1800
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -113,20 +113,26 @@ def specialisation_heatmap(stats: RoutingStats, placement: str, layer: int, of: 
     return fig
 
 
+def _checkpoint_panel(ax, part, order, metric: str, hue: str, title: str) -> None:
+    """One line plot of ``metric`` over checkpoints (x in ``order``), one line per ``hue`` value."""
+    _, sns = _plt()
+    part = part.assign(step=part["checkpoint"].map({c: i for i, c in enumerate(order)}))
+    sns.lineplot(data=part, x="step", y=metric, hue=hue, marker="o", ax=ax, errorbar=None, palette="crest")
+    ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
+    ax.set_xlabel("checkpoint")
+    ax.set_title(title)
+
+
 def switch_rate_curves(comparison, hue: str = "layer"):
     """Switch rate (vs previous) and saturation (vs final) over checkpoints, one panel pair per placement."""
-    plt, sns = _plt()
+    plt, _ = _plt()
     places = list(dict.fromkeys(comparison["placement"]))
     order = list(dict.fromkeys(comparison["checkpoint"]))
     fig, axes = plt.subplots(len(places), 2, figsize=(10, 3.2 * len(places)), squeeze=False)
     for row, place in zip(axes, places):
-        part = comparison[comparison["placement"] == place].copy()
-        part["step"] = part["checkpoint"].map({c: i for i, c in enumerate(order)})
+        part = comparison[comparison["placement"] == place]
         for ax, metric in zip(row, ("switch_rate", "saturation")):
-            sns.lineplot(data=part, x="step", y=metric, hue=hue, marker="o", ax=ax, errorbar=None, palette="crest")
-            ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
-            ax.set_xlabel("checkpoint")
-            ax.set_title(f"{place}: {metric}")
+            _checkpoint_panel(ax, part, order, metric, hue, f"{place}: {metric}")
     fig.tight_layout()
     return fig
 
@@ -146,15 +152,11 @@ def router_comparison(tables: dict, metric: str = "router_entropy_norm"):
 
 def metric_over_checkpoints(table, metric: str = "router_entropy_norm", hue: str = "layer"):
     """``metric`` per checkpoint (x, in the table's order), one panel per placement, one line per layer."""
-    plt, sns = _plt()
+    plt, _ = _plt()
     places = list(dict.fromkeys(table["placement"]))
     order = list(dict.fromkeys(table["checkpoint"]))
     fig, axes = plt.subplots(1, len(places), figsize=(4.5 * len(places), 3.4), sharey=True, squeeze=False)
     for ax, place in zip(axes[0], places):
-        part = table[table["placement"] == place].assign(step=lambda d: d["checkpoint"].map({c: i for i, c in enumerate(order)}))
-        sns.lineplot(data=part, x="step", y=metric, hue=hue, marker="o", ax=ax, errorbar=None, palette="crest")
-        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
-        ax.set_xlabel("checkpoint")
-        ax.set_title(f"{place}: {metric}")
+        _checkpoint_panel(ax, table[table["placement"] == place], order, metric, hue, f"{place}: {metric}")
     fig.tight_layout()
     return fig

@@ -69,9 +69,12 @@ def plan_pipeline(
     common = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root)}
     plan = PipelinePlan(run_dir, list(routers))
 
-    def add(name, notebook, folder, parameters, marker=None):
+    def add(name, notebook, folder, parameters, marker=None, runner_marker=None):
+        """``marker``: written by the notebook's own work; else the runner writes ``runner_marker``
+        (default: the executed notebook's name with ``.ok``) once the notebook ran."""
         output = folder / Path(notebook).name
-        plan.steps.append(Step(name, notebooks / notebook, output, parameters, marker or output.with_suffix(".ok"),
+        runner_marker = runner_marker or output.with_suffix(".ok")
+        plan.steps.append(Step(name, notebooks / notebook, output, parameters, marker or runner_marker,
                                marker_written_by_runner=marker is None))
 
     for stage in ("pretrain", "pft"):
@@ -91,8 +94,10 @@ def plan_pipeline(
     if "analysis" in stages:
         folder = run_dir / "analysis"
         traces = [str(run_dir / f"eval-{r}" / "traces") for r in routers]
+        # the comparison is done for this set of routers: adding a router later runs it again
         add("analysis", "analysis/router_entropy.ipynb", folder,
-            {"traces": traces, "labels": list(routers), "out_dir": str(folder / "router_entropy")})
+            {"traces": traces, "labels": list(routers), "out_dir": str(folder / "router_entropy")},
+            runner_marker=folder / f"router_entropy.{'+'.join(routers)}.ok")
         for router, trace in zip(routers, traces):
             add(f"analysis-{router}", "analysis/expert_collapse.ipynb", folder / f"collapse-{router}",
                 {"traces": [trace], "out_dir": str(folder / f"collapse-{router}")})

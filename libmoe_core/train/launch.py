@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import TrainConfig
+from .cpus import available_cpus
 
 ZERO_CONFIG_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_offload.json"}
 TRAIN_ENTRY = Path(__file__).resolve().parents[2] / "runners" / "train.py"
@@ -52,7 +53,7 @@ def launch_env(num_procs: int) -> dict:
         has_cuda = False
     if not has_cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_procs)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // num_procs)))
     return env
 
 
