@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from oracles import grads_of, loop_moe_forward
 from torch import nn
 
 from libmoe_core.moe import ROUTERS, build_moe, grouped_linear
 from libmoe_core.moe.layer import capacity_mask
-from oracles import grads_of, loop_moe_forward
 
 IMPLS = ["loop", "grouped_mm"]
 

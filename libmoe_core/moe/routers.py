@@ -11,7 +11,6 @@ from torch import nn
 
 from .router_base import (
     Router,
-    RouterOutput,
     balance_loss,
     register_router,
     sigmoid_topk,
