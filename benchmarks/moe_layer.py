@@ -12,6 +12,12 @@ Implementations (each includes its router, except ``dense``):
   dense        one dense MLP on tokens*k rows: the FLOP floor
 Timings are medians over ``--repeats`` after one warm-up; gradients are set to None
 between iterations as an optimiser's zero_grad does.
+
+Every row also carries ``weight_traffic_ms``: the time to read all E experts' stacked weights
+twice (forward, backward) and write one fresh stacked gradient of them (new memory, as after
+zero_grad), measured on this machine. Any implementation that keeps E separate experts pays it on
+top of the dense FLOPs, so ``floor_ratio`` = (dense fwd+bwd + weight_traffic_ms) / dense fwd+bwd
+is the best ratio reachable at that E (the dense MLP touches one expert's worth).
 """
 
 from __future__ import annotations
@@ -125,6 +131,18 @@ def measure(impl, e, k, tokens, device, dtype, repeats):
     return time_ms(fwd, device, repeats), time_ms(fwdbwd, device, repeats)
 
 
+def weight_traffic_ms(e: int, repeats: int) -> float:
+    """Read E gated experts' weights twice and write a fresh gradient of them (fp32, CPU)."""
+    weights = torch.randn(e, D, 3 * H)  # w_in [D, 2H] and w_out [H, D] of every expert, as one block
+
+    def touch():
+        weights.sum()
+        weights.sum()
+        torch.empty_like(weights).fill_(1.0)
+
+    return time_ms(touch, torch.device("cpu"), repeats)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
@@ -151,10 +169,12 @@ def main(argv=None) -> int:
                         continue
                     results = {impl: measure(impl, e, k, tokens, device, dtype, args.repeats) for impl in impls}
                     dense_fb = results["dense"][1] if "dense" in results else float("nan")
+                    traffic = weight_traffic_ms(e, args.repeats) if device.type == "cpu" else float("nan")
                     for impl, (fwd, fb) in results.items():
                         row = dict(impl=impl, device=device.type, dtype=str(dtype).removeprefix("torch."), E=e, k=k,
                                    tokens=tokens, fwd_ms=round(fwd, 2), fwdbwd_ms=round(fb, 2),
-                                   ratio_vs_dense=round(fb / dense_fb, 3))
+                                   ratio_vs_dense=round(fb / dense_fb, 3), weight_traffic_ms=round(traffic, 2),
+                                   floor_ratio=round((dense_fb + traffic) / dense_fb, 3))
                         rows.append(row)
                         if not args.json:
                             print(f"{row['device']:>4} {row['dtype']:>8} T={tokens:<5} E={e:<3} k={k}  {impl:<12}"

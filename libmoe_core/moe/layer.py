@@ -44,6 +44,38 @@ def capacity_mask(ffn_ids: torch.Tensor, num_experts: int, capacity: int) -> tor
     return kept.view(k, t).t()
 
 
+class _PermuteRows(torch.autograd.Function):
+    """``rows[index]`` for a permutation ``index``; backward gathers with the inverse permutation
+    (autograd's own backward of an index is a scatter-add, several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, rows, index, inverse):  # rows [N, d], index / inverse [N]
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _GatherTokenSlots(torch.autograd.Function):
+    """``x[order // k]``: the token of every slot, slots in expert order, all T·k slots present.
+    Backward puts the slot gradients back in token order and sums each token's k slots."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k: int):  # x [T, d], order / inverse [T*k]
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [T*k, d] in expert order
+        (inverse,) = ctx.saved_tensors
+        per_slot = grad.index_select(0, inverse)  # [T*k, d] token-major
+        return per_slot.view(-1, ctx.k, per_slot.shape[-1]).sum(dim=1), None, None, None
+
+
 def dispatch(
     x: torch.Tensor,  # [T, in]
     ffn_ids: torch.Tensor,  # [T, k] expert ids, -1 = no feed-forward expert
@@ -58,14 +90,17 @@ def dispatch(
     sorted_key, order = torch.sort(key, stable=True)  # stable: deterministic, batch-invariant
     counts = torch.bincount(sorted_key, minlength=e + 1)  # [E+1]
     n_active = t * k - int(counts[e]) if counts[e] else t * k
-    order = order[:n_active]
-    rows = experts(x[order // k], counts[:e])  # [S', out]
-    rows = rows * weights.reshape(-1)[order].unsqueeze(-1).to(rows.dtype)
-    if n_active == t * k:
+    if n_active == t * k:  # every slot has an expert: permutations both ways, no scatter-add
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        per_slot = rows[inverse]  # [T*k, out] back in token order
-    else:
+        slot_weights = _PermuteRows.apply(weights.reshape(-1, 1), order, inverse)  # [T*k, 1] expert order
+        rows = experts(_GatherTokenSlots.apply(x, order, inverse, k), counts[:e])  # [T*k, out]
+        rows = rows * slot_weights.to(rows.dtype)
+        per_slot = _PermuteRows.apply(rows, inverse, order)  # [T*k, out] back in token order
+    else:  # dropped or expert-less slots contribute zero
+        order = order[:n_active]
+        rows = experts(x[order // k], counts[:e])  # [S', out]
+        rows = rows * weights.reshape(-1)[order].unsqueeze(-1).to(rows.dtype)
         per_slot = rows.new_zeros(t * k, rows.shape[-1]).index_copy(0, order, rows)
     return per_slot.view(t, k, -1).sum(dim=1)
 
