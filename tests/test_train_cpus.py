@@ -34,3 +34,19 @@ def test_launch_env_splits_the_cpus_over_processes(monkeypatch):
     assert env["OMP_NUM_THREADS"] == "4" and env["DS_ACCELERATOR"] == "cpu"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert launch_env(num_procs=2).get("OMP_NUM_THREADS") == "3"  # the user's choice wins
+
+
+def test_training_entry_keeps_deepspeed_from_compiling_its_cpu_shm_op(monkeypatch):
+    import deepspeed.ops
+
+    from runners.train import skip_cpu_shm_comm_op
+
+    ops = deepspeed.ops.__compatible_ops__
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setitem(ops, "deepspeed_shm_comm", True)
+    monkeypatch.setenv("LIBMOE_DS_SHM_COMM", "1")
+    skip_cpu_shm_comm_op()
+    assert ops["deepspeed_shm_comm"] is True  # asked for: left alone
+    monkeypatch.delenv("LIBMOE_DS_SHM_COMM")
+    skip_cpu_shm_comm_op()
+    assert ops["deepspeed_shm_comm"] is False  # build_shm_op then returns None: gloo all-reduce
