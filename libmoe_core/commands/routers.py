@@ -1,4 +1,4 @@
-"""``libmoe routers``: list the registered routers and their LibMoE aliases."""
+"""``libmoe routers``: list the registered routers (plugins included) and their LibMoE aliases."""
 
 
 def register(sub) -> None:
@@ -7,8 +7,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..moe import ROUTER_ALIASES, ROUTERS
+    from ..moe import ROUTER_ALIASES, ROUTERS, load_router_plugins
 
+    load_router_plugins()
     for name, cls in sorted(ROUTERS.items()):
         aliases = [a for a, n in ROUTER_ALIASES.items() if n == name]
         doc = (cls.__doc__ or "").strip().splitlines()[0]

@@ -262,8 +262,45 @@ def register_router(name: str, *, aliases: tuple[str, ...] = ()):
     return wrap
 
 
+ROUTER_ENTRY_POINT_GROUP = "libmoe.routers"
+ROUTER_MODULES_ENV = "LIBMOE_ROUTER_MODULES"
+_loaded_router_modules: set[str] = set()
+
+
+def load_router_plugins() -> list[str]:
+    """Import the modules that register routers of their own; returns the ones newly imported.
+
+    Two sources, so that every process (the ``libmoe`` CLI, DeepSpeed workers, lmms-eval,
+    ``from_pretrained``) knows a user's router by name: the ``libmoe.routers`` entry points of
+    installed packages (``[project.entry-points."libmoe.routers"] mine = "my_pkg.routers"``) and
+    the comma-separated module names in ``$LIBMOE_ROUTER_MODULES`` (importable from PYTHONPATH;
+    subprocesses inherit it). A module that fails to import is an error naming it.
+    """
+    import importlib
+    import os
+    from importlib.metadata import entry_points
+
+    sources = [(ep.value.split(":")[0], f"entry point {ep.name!r} of group {ROUTER_ENTRY_POINT_GROUP!r}")
+               for ep in entry_points(group=ROUTER_ENTRY_POINT_GROUP)]
+    sources += [(m.strip(), f"${ROUTER_MODULES_ENV}") for m in os.environ.get(ROUTER_MODULES_ENV, "").split(",")
+                if m.strip()]
+    imported = []
+    for module, origin in sources:
+        if module in _loaded_router_modules:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as err:
+            raise ImportError(f"router module {module!r} (from {origin}) failed to import: {err}") from err
+        _loaded_router_modules.add(module)
+        imported.append(module)
+    return imported
+
+
 def resolve_router_name(name: str) -> str:
-    """Our name for ``name`` (ours or a LibMoE alias); unknown names list the known ones."""
+    """Our name for ``name`` (ours, a LibMoE alias, or a plugin's); unknown names list the known ones."""
+    if name not in ROUTERS and name not in ROUTER_ALIASES:
+        load_router_plugins()  # a user's router, registered when its module is imported
     if name in ROUTERS:
         return name
     if name in ROUTER_ALIASES:
