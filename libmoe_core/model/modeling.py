@@ -147,8 +147,10 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         decoding = cache is not None and cache.get_seq_length() > 0
         moe = placed_moe_layers(self)
-        for _, _, layer in moe:
+        llm_mask = real_token_mask(attention_mask, (input_ids if inputs_embeds is None else inputs_embeds).shape[1])
+        for placement, _, layer in moe:
             layer.last_routing = None  # a placement that does not run (no images) reports nothing stale
+            layer.token_mask = llm_mask if placement == "llm" else None  # padding is not routed
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)  # [B, L, d]
             if pixel_values is not None:
@@ -202,6 +204,15 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         total = torch.stack([v.float() for v in weighted.values()]).sum()
         terms = {k: torch.stack(v).float().mean() for k, v in sums.items()}
         return total, weighted, terms
+
+
+def real_token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """[B, L] bool of this call's real (non-padding) tokens from a 2-D ``attention_mask``
+    [B, L_past + L]; None when every token is real or the mask is not 2-D (custom 4-D masks)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    mask = attention_mask[:, -length:].bool()  # [B, L]
+    return None if bool(mask.all()) else mask
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

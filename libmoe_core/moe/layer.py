@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -19,12 +19,28 @@ from .router_base import Router
 class Routing:
     """The last forward's routing, shaped like the layer input's leading dims (...)."""
 
-    experts: torch.Tensor  # [..., k] chosen slot ids, rank order
+    experts: torch.Tensor  # [..., k] chosen slot ids, rank order (-1: a padded token)
     weights: torch.Tensor  # [..., k] combine weights (fp32)
     probs: torch.Tensor  # [..., S] full router distribution (fp32)
     aux_loss: torch.Tensor  # scalar: sum of coef * term
     aux_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted terms
     dropped: int = 0  # slots dropped by the capacity limit
+
+    def view(self, lead: torch.Size) -> Routing:
+        """The per-token fields reshaped from [T, ...] to [*lead, ...]."""
+        return replace(self, experts=self.experts.view(*lead, self.experts.shape[-1]),
+                       weights=self.weights.view(*lead, self.weights.shape[-1]),
+                       probs=self.probs.view(*lead, self.probs.shape[-1]))
+
+    def spread(self, rows: torch.Tensor, total: int) -> Routing:
+        """Routing of ``total`` tokens from that of the tokens at ``rows`` [T']; the other
+        (padded) tokens get expert -1, weight 0 and an all-zero distribution."""
+
+        def fill(t: torch.Tensor, value) -> torch.Tensor:
+            return t.new_full((total, t.shape[-1]), value).index_copy(0, rows, t)
+
+        return replace(self, experts=fill(self.experts, -1), weights=fill(self.weights, 0.0),
+                       probs=fill(self.probs, 0.0))
 
 
 def capacity_mask(ffn_ids: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -129,6 +145,11 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.capacity_factor = capacity_factor
         self.last_routing: Routing | None = None
+        #: [..., ] bool (the input's token dims), True = a real token; None = all real. Padded tokens
+        #: are neither routed nor run, so they count in no aux loss, load or capacity. The VLM sets
+        #: it on its LLM layers from ``attention_mask`` at every forward and leaves it there, so a
+        #: gradient-checkpoint recomputation sees the same mask.
+        self.token_mask: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -137,6 +158,41 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])  # [T, in]
+        kept = self._kept_rows(lead, tokens.device)  # [T'] rows of real tokens, None = all
+        if kept is None:
+            y, routing = self._route_and_run(tokens)
+        elif kept.numel() == 0:  # every token is padding: nothing to route, no aux loss
+            y = tokens.new_zeros(tokens.shape[0], self.experts.out_features)
+            routing = self._empty_routing(tokens.shape[0], tokens.device)
+        else:  # padding: route and run the real tokens only; padded rows output 0
+            y_kept, routing = self._route_and_run(tokens.index_select(0, kept))  # [T', out]
+            y = y_kept.new_zeros(tokens.shape[0], y_kept.shape[-1]).index_copy(0, kept, y_kept)  # [T, out]
+            routing = routing.spread(kept, tokens.shape[0])
+        self.last_routing = routing.view(lead)
+        return y.view(*lead, y.shape[-1]).to(x.dtype)
+
+    def _kept_rows(self, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """Indices of the tokens ``token_mask`` keeps, or None when it keeps every token."""
+        mask = self.token_mask
+        if mask is None:
+            return None
+        if tuple(mask.shape) != tuple(lead):
+            raise ValueError(
+                f"MoELayer.token_mask has shape {tuple(mask.shape)} but the input's token dims are {tuple(lead)}; "
+                "set it to a [batch, length] bool mask of this call's tokens, or None"
+            )
+        flat = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [T]
+        return None if bool(flat.all()) else flat.nonzero().squeeze(1)
+
+    def _empty_routing(self, total: int, device: torch.device) -> Routing:
+        """The routing of ``total`` tokens that are all padding."""
+        k, slots = self.router.current_k(), self.router.num_slots
+        return Routing(experts=torch.full((total, k), -1, dtype=torch.long, device=device),
+                       weights=torch.zeros(total, k, device=device), probs=torch.zeros(total, slots, device=device),
+                       aux_loss=torch.zeros((), device=device))
+
+    def _route_and_run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """tokens [T, in] -> (output [T, out], routing of the T tokens)."""
         route = self.router(tokens)
         ffn_ids = self.router.ffn_ids(route.experts)  # [T, k]
         dropped = 0
@@ -149,16 +205,9 @@ class MoELayer(nn.Module):
         extra = self.router.extra_output(tokens, route)
         if extra is not None:
             y = y + extra
-        k = route.experts.shape[-1]
-        self.last_routing = Routing(
-            experts=route.experts.view(*lead, k),
-            weights=route.weights.view(*lead, k),
-            probs=route.probs.view(*lead, route.probs.shape[-1]),
-            aux_loss=route.aux_loss,
-            aux_terms=route.aux_terms,
-            dropped=dropped,
-        )
-        return y.view(*lead, y.shape[-1]).to(x.dtype)
+        routing = Routing(experts=route.experts, weights=route.weights, probs=route.probs,
+                          aux_loss=route.aux_loss, aux_terms=route.aux_terms, dropped=dropped)
+        return y, routing
 
     def extra_repr(self) -> str:
         return f"capacity_factor={self.capacity_factor}"
