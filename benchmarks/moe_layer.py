@@ -1,6 +1,7 @@
 """Benchmark one MoE layer: ours vs transformers' experts vs a LibMoE-style loop vs dense.
 
     python benchmarks/moe_layer.py [--json] [--quick] [--repeats N] [--out FILE]
+                                   [--tokens 1024,4096] [--experts 4,8] [--k 1,2] [--impls ours,dense]
 
 Gated experts (gate/up -> SiLU -> down), d=512, h=1024, E in {4, 8, 16, 64},
 k in {1, 2, 4}, tokens in {1024, 4096}. CPU fp32; on CUDA also bf16.
@@ -13,7 +14,13 @@ Implementations (each includes its router, except ``dense``):
 Timings are medians over ``--repeats`` after one warm-up; gradients are set to None
 between iterations as an optimiser's zero_grad does.
 
-Every row also carries ``weight_traffic_ms``: the time to read all E experts' stacked weights
+Every row also carries ``floor_fwdbwd_ms``: fwd+bwd of the E experts alone (our stacked
+experts on tokens*k rows pre-sorted and split evenly; no router, sort, gather or combine), the
+cost of the expert GEMMs that any implementation keeping E separate experts pays, and
+``floor_ratio`` = floor / dense. ours / floor is what routing and dispatch add; floor / dense is
+what E separate weight matrices cost against one (smaller GEMMs, E times the weights to read).
+
+It also carries ``weight_traffic_ms``: the time to read all E experts' stacked weights
 twice (forward, backward) and write one fresh stacked gradient of them (new memory, as after
 zero_grad), measured on this machine, and ``traffic_ratio`` = (dense fwd+bwd + weight_traffic_ms)
 / dense fwd+bwd: an estimate of the ratio that the memory traffic of E separate experts alone
@@ -132,6 +139,28 @@ def measure(impl, e, k, tokens, device, dtype, repeats):
     return time_ms(fwd, device, repeats), time_ms(fwdbwd, device, repeats)
 
 
+def expert_floor_ms(e: int, k: int, tokens: int, device, dtype, repeats: int) -> float:
+    """fwd+bwd of the E experts alone (our stacked ``Experts``) on tokens*k rows already sorted
+    and split evenly: no router, no sort, no gathers, no combine. What any implementation that
+    keeps E separate expert weights pays for the GEMMs themselves; ours / this = dispatch cost."""
+    torch.manual_seed(0)
+    experts = Experts(e, D, H, D, gated=True, activation=nn.SiLU()).to(device=device, dtype=dtype)
+    rows = tokens * k
+    counts = torch.full((e,), rows // e, dtype=torch.long)
+    counts[: rows % e] += 1
+    counts = counts.to(device)
+    x = torch.randn(rows, D, device=device, dtype=dtype)
+    probe = torch.randn(rows, D, device=device, dtype=dtype)
+
+    def fwdbwd():
+        for p in experts.parameters():
+            p.grad = None
+        xin = x.detach().requires_grad_(True)
+        (experts(xin, counts) * probe).sum().backward()
+
+    return time_ms(fwdbwd, device, repeats)
+
+
 def weight_traffic_ms(e: int, repeats: int) -> float:
     """Read E gated experts' weights twice and write a fresh gradient of them (fp32, CPU)."""
     weights = torch.randn(e, D, 3 * H)  # w_in [D, 2H] and w_out [H, D] of every expert, as one block
@@ -151,10 +180,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--impls", default="ours,hf_eager,hf_grouped,libmoe_loop,dense")
     parser.add_argument("--tokens", default=None, help="comma-separated token counts (default 1024,4096)")
+    parser.add_argument("--experts", default=None, help="comma-separated expert counts (default 4,8,16,64)")
+    parser.add_argument("--k", default=None, help="comma-separated top-k values (default 1,2,4)")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
     args = parser.parse_args(argv)
 
     experts_grid, k_grid = ([4, 64], [1, 4]) if args.quick else ([4, 8, 16, 64], [1, 2, 4])
+    if args.experts:
+        experts_grid = [int(e) for e in args.experts.split(",")]
+    if args.k:
+        k_grid = [int(k) for k in args.k.split(",")]
     token_grid = [int(t) for t in args.tokens.split(",")] if args.tokens else ([1024] if args.quick else [1024, 4096])
     impls = args.impls.split(",")
     setups = [(torch.device("cpu"), torch.float32)]
@@ -171,15 +206,20 @@ def main(argv=None) -> int:
                     results = {impl: measure(impl, e, k, tokens, device, dtype, args.repeats) for impl in impls}
                     dense_fb = results["dense"][1] if "dense" in results else float("nan")
                     traffic = weight_traffic_ms(e, args.repeats) if device.type == "cpu" else float("nan")
+                    floor = expert_floor_ms(e, k, tokens, device, dtype, args.repeats)
                     for impl, (fwd, fb) in results.items():
                         row = dict(impl=impl, device=device.type, dtype=str(dtype).removeprefix("torch."), E=e, k=k,
                                    tokens=tokens, fwd_ms=round(fwd, 2), fwdbwd_ms=round(fb, 2),
                                    ratio_vs_dense=round(fb / dense_fb, 3), weight_traffic_ms=round(traffic, 2),
-                                   traffic_ratio=round((dense_fb + traffic) / dense_fb, 3))
+                                   traffic_ratio=round((dense_fb + traffic) / dense_fb, 3),
+                                   floor_fwdbwd_ms=round(floor, 2), floor_ratio=round(floor / dense_fb, 3))
                         rows.append(row)
                         if not args.json:
                             print(f"{row['device']:>4} {row['dtype']:>8} T={tokens:<5} E={e:<3} k={k}  {impl:<12}"
                                   f" fwd {fwd:8.1f} ms   fwd+bwd {fb:8.1f} ms   x{row['ratio_vs_dense']:.2f} dense", flush=True)
+                    if not args.json:
+                        print(f"{'':>14} T={tokens:<5} E={e:<3} k={k}  {'experts only':<12} {'':>16} fwd+bwd "
+                              f"{floor:8.1f} ms   x{floor / dense_fb:.2f} dense (the GEMM floor)", flush=True)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
