@@ -15,7 +15,9 @@ def gated_mlp(d=16, h=24):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    return LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=h, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2))
+    return LlamaMLP(
+        LlamaConfig(hidden_size=d, intermediate_size=h, hidden_act="silu", num_attention_heads=2, num_key_value_heads=2)
+    )
 
 
 def plain_mlp(d=16, h=24, out=None):
@@ -181,3 +183,56 @@ def test_grouped_mm_on_cuda_bf16_matches_loop():
     y = layer(x)
     layer.experts.impl = "loop"
     torch.testing.assert_close(y, layer(x), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("block_elements", [1, 60, 1 << 21])  # backward blocks: 1 expert, 2 (gated), all
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_expert_mlp_matches_two_grouped_products(gated, block_elements, monkeypatch):
+    """The loop impl runs each expert's whole MLP at once (custom backward in blocks of experts);
+    it must equal the composition of two grouped products (autograd's backward) for any subset of
+    inputs that need gradients, with an expert that gets no rows, and without grad."""
+    from libmoe_core.moe import Experts
+    from libmoe_core.moe import experts as experts_module
+
+    monkeypatch.setattr(experts_module, "_BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(0)
+    experts = Experts(4, 8, 6, 5, gated=gated, activation=nn.GELU(approximate="tanh"), bias=True, impl="loop")
+    with torch.no_grad():
+        for p in (experts.b_in, experts.b_out):
+            p.normal_()
+    counts = torch.tensor([4, 0, 3, 2])
+    x = torch.randn(9, 8)
+    probe = torch.randn(9, 5)
+
+    def reference(x):
+        h = grouped_linear(x, experts.w_in, counts, experts.b_in, "loop")
+        return grouped_linear(experts.activate(h), experts.w_out, counts, experts.b_out, "loop")
+
+    params = dict(experts.named_parameters())
+    for trainable in (set(params) | {"x"}, {"x"}, {"w_out"}, {"w_in", "b_out"}):
+        for name, p in params.items():
+            p.requires_grad_(name in trainable)
+        xin = x.clone().requires_grad_("x" in trainable)
+        wrt = [xin] * ("x" in trainable) + [p for name, p in params.items() if name in trainable]
+        got = experts(xin, counts)
+        expected = reference(xin)
+        torch.testing.assert_close(got, expected)
+        for g, e in zip(
+            torch.autograd.grad((got * probe).sum(), wrt), torch.autograd.grad((expected * probe).sum(), wrt)
+        ):
+            torch.testing.assert_close(g, e)
+        if "w_in" in trainable:
+            assert torch.count_nonzero(torch.autograd.grad(experts(xin, counts).sum(), experts.w_in)[0][1]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, counts), reference(x))
+
+
+def test_backward_blocks_cover_every_expert_once():
+    from libmoe_core.moe.experts import _blocks
+
+    counts = [3, 0, 5, 1, 0, 6]
+    for width in (1, 2, 4, 1 << 22):
+        blocks = list(_blocks(counts, width))
+        rows = [(e, block.start + r.start, block.start + r.stop) for block, members in blocks for e, r in members]
+        assert rows == [(0, 0, 3), (2, 3, 8), (3, 8, 9), (5, 9, 15)]
+        assert [b.start for b, _ in blocks] == [0] + [b.stop for b, _ in blocks[:-1]] and blocks[-1][0].stop == 15
