@@ -11,8 +11,10 @@ Implementations (each includes its router, except ``dense``):
   hf_grouped   transformers MixtralSparseMoeBlock, experts_implementation="grouped_mm"
   libmoe_loop  LibMoE-style: ModuleList of experts, torch.where per expert, index_add_
   dense        one dense MLP on tokens*k rows: the FLOP floor
-Timings are medians over ``--repeats`` after one warm-up; gradients are set to None
-between iterations as an optimiser's zero_grad does.
+Timings are medians over ``--repeats`` after one warm-up, all implementations of a row
+timed round-robin (each round one step of each, order rotated) so the drift of a shared
+machine's speed does not favour whichever ran first; gradients are set to None between
+iterations as an optimiser's zero_grad does.
 
 Every row also carries ``floor_fwdbwd_ms``: fwd+bwd of the E experts alone (our stacked
 experts on tokens*k rows pre-sorted and split evenly; no router, sort, gather or combine), the
@@ -107,19 +109,30 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device, repeats: int) -> float:
+def time_once_ms(fn, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
     fn()
     sync(device)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(samples)
+    return (time.perf_counter() - t0) * 1000
 
 
-def measure(impl, e, k, tokens, device, dtype, repeats):
+def interleaved_medians(steps: dict, device, repeats: int) -> dict:
+    """Median ms of every step, timed round-robin (one warm-up each, then ``repeats`` rounds,
+    the order rotated every round) so that drift in the machine's speed, which on a shared VM
+    is larger than the differences measured, hits every implementation alike."""
+    names = list(steps)
+    for name in names:
+        steps[name]()
+    samples = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(time_once_ms(steps[name], device))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def layer_steps(impl, e, k, tokens, device, dtype):
+    """(forward, forward+backward) callables of one implementation on its input."""
     torch.manual_seed(0)
     module = build(impl, e, k, device, dtype)
     rows = tokens * k if impl == "dense" else tokens
@@ -136,10 +149,10 @@ def measure(impl, e, k, tokens, device, dtype, repeats):
         xin = x.detach().requires_grad_(True)
         (module(xin) * probe).sum().backward()
 
-    return time_ms(fwd, device, repeats), time_ms(fwdbwd, device, repeats)
+    return fwd, fwdbwd
 
 
-def expert_floor_ms(e: int, k: int, tokens: int, device, dtype, repeats: int) -> float:
+def expert_floor_step(e: int, k: int, tokens: int, device, dtype):
     """fwd+bwd of the E experts alone (our stacked ``Experts``) on tokens*k rows already sorted
     and split evenly: no router, no sort, no gathers, no combine. What any implementation that
     keeps E separate expert weights pays for the GEMMs themselves; ours / this = dispatch cost."""
@@ -158,10 +171,10 @@ def expert_floor_ms(e: int, k: int, tokens: int, device, dtype, repeats: int) ->
         xin = x.detach().requires_grad_(True)
         (experts(xin, counts) * probe).sum().backward()
 
-    return time_ms(fwdbwd, device, repeats)
+    return fwdbwd
 
 
-def weight_traffic_ms(e: int, repeats: int) -> float:
+def weight_traffic_step(e: int):
     """Read E gated experts' weights twice and write a fresh gradient of them (fp32, CPU)."""
     weights = torch.randn(e, D, 3 * H)  # w_in [D, 2H] and w_out [H, D] of every expert, as one block
 
@@ -170,7 +183,20 @@ def weight_traffic_ms(e: int, repeats: int) -> float:
         weights.sum()
         torch.empty_like(weights).fill_(1.0)
 
-    return time_ms(touch, torch.device("cpu"), repeats)
+    return touch
+
+
+def measure_row(impls, e, k, tokens, device, dtype, repeats) -> tuple[dict, float, float]:
+    """({impl: (fwd_ms, fwdbwd_ms)}, floor_ms, traffic_ms) of one (E, k, tokens) row, interleaved."""
+    steps = {}
+    for impl in impls:
+        steps[impl, "fwd"], steps[impl, "fwdbwd"] = layer_steps(impl, e, k, tokens, device, dtype)
+    steps["floor"] = expert_floor_step(e, k, tokens, device, dtype)
+    if device.type == "cpu":
+        steps["traffic"] = weight_traffic_step(e)
+    ms = interleaved_medians(steps, device, repeats)
+    results = {impl: (ms[impl, "fwd"], ms[impl, "fwdbwd"]) for impl in impls}
+    return results, ms["floor"], ms.get("traffic", float("nan"))
 
 
 def main(argv=None) -> int:
@@ -203,10 +229,8 @@ def main(argv=None) -> int:
                 for k in k_grid:
                     if k > e:
                         continue
-                    results = {impl: measure(impl, e, k, tokens, device, dtype, args.repeats) for impl in impls}
+                    results, floor, traffic = measure_row(impls, e, k, tokens, device, dtype, args.repeats)
                     dense_fb = results["dense"][1] if "dense" in results else float("nan")
-                    traffic = weight_traffic_ms(e, args.repeats) if device.type == "cpu" else float("nan")
-                    floor = expert_floor_ms(e, k, tokens, device, dtype, args.repeats)
                     for impl, (fwd, fb) in results.items():
                         row = dict(impl=impl, device=device.type, dtype=str(dtype).removeprefix("torch."), E=e, k=k,
                                    tokens=tokens, fwd_ms=round(fwd, 2), fwdbwd_ms=round(fb, 2),
