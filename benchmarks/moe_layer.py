@@ -28,6 +28,11 @@ zero_grad), measured on this machine, and ``traffic_ratio`` = (dense fwd+bwd + w
 / dense fwd+bwd: an estimate of the ratio that the memory traffic of E separate experts alone
 implies (the dense MLP touches one expert's worth). An estimate, not a bound: reads overlap
 compute and both timings are noisy.
+
+On CPU, glibc serves every allocation above 32 MiB with fresh mmap'd pages, so each step pays
+page faults for its large activations and gradients (every implementation alike; measured here
+at 15-30% of a step). ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python
+benchmarks/moe_layer.py`` keeps freed memory in the process and removes that cost.
 """
 
 from __future__ import annotations
