@@ -14,58 +14,6 @@ from torch import nn
 GROUPED_IMPLS = ("auto", "loop", "grouped_mm")
 
 
-class _SegmentedLinear(torch.autograd.Function):
-    """y[rows of e] = x[rows of e] @ W[e] (+ b[e]), one matmul per non-empty expert.
-
-    The split happens once; products are written straight into one output (and, in
-    backward, into one stacked weight gradient), so no per-expert full-size gradient
-    is ever materialised (LibMoE's ``W[e]`` indexing inside autograd does that).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, counts: list[int]):
-        out = x.new_empty(x.shape[0], weight.shape[-1])  # [S, out]
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                if bias is None:
-                    torch.mm(x[rows], weight[e], out=out[rows])
-                else:
-                    torch.addmm(bias[e], x[rows], weight[e], out=out[rows])
-                start += n
-        ctx.save_for_backward(x, weight)
-        ctx.counts, ctx.has_bias = counts, bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = torch.empty_like(x) if need_x else None
-        gw = torch.empty_like(weight) if need_w else None
-        gb = weight.new_empty(weight.shape[0], weight.shape[-1]) if (need_b and ctx.has_bias) else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            rows = slice(start, start + n)
-            g = grad_out[rows]
-            if n == 0:
-                if gw is not None:
-                    gw[e].zero_()
-                if gb is not None:
-                    gb[e].zero_()
-                continue
-            if gx is not None:
-                torch.mm(g, weight[e].t(), out=gx[rows])
-            if gw is not None:
-                torch.mm(x[rows].t(), g, out=gw[e])
-            if gb is not None:
-                torch.sum(g, dim=0, out=gb[e])
-            start += n
-        return gx, gw, gb, None
-
-
 def _segments(counts: list[int]):
     """(expert, row slice) of every non-empty expert, for rows sorted by expert."""
     start = 0
@@ -100,6 +48,51 @@ def _linear_into(x, weight, bias, out):
         torch.mm(x, weight, out=out)
     else:
         torch.addmm(bias, x, weight, out=out)
+
+
+class _SegmentedLinear(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ W[e] (+ b[e]), one matmul per non-empty expert.
+
+    The split happens once; products are written straight into one output (and, in
+    backward, into one stacked weight gradient), so no per-expert full-size gradient
+    is ever materialised (LibMoE's ``W[e]`` indexing inside autograd does that).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, counts: list[int]):
+        out = x.new_empty(x.shape[0], weight.shape[-1])  # [S, out]
+        for e, rows in _segments(counts):
+            _linear_into(x[rows], weight[e], None if bias is None else bias[e], out[rows])
+        ctx.save_for_backward(x, weight)
+        ctx.counts, ctx.has_bias = counts, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.empty_like(weight) if need_w else None
+        gb = weight.new_empty(weight.shape[0], weight.shape[-1]) if (need_b and ctx.has_bias) else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            rows = slice(start, start + n)
+            g = grad_out[rows]
+            if n == 0:
+                if gw is not None:
+                    gw[e].zero_()
+                if gb is not None:
+                    gb[e].zero_()
+                continue
+            if gx is not None:
+                torch.mm(g, weight[e].t(), out=gx[rows])
+            if gw is not None:
+                torch.mm(x[rows].t(), g, out=gw[e])
+            if gb is not None:
+                torch.sum(g, dim=0, out=gb[e])
+            start += n
+        return gx, gw, gb, None
 
 
 class _SegmentedMLP(torch.autograd.Function):
