@@ -236,3 +236,24 @@ def test_backward_blocks_cover_every_expert_once():
         rows = [(e, block.start + r.start, block.start + r.stop) for block, members in blocks for e, r in members]
         assert rows == [(0, 0, 3), (2, 3, 8), (3, 8, 9), (5, 9, 15)]
         assert [b.start for b, _ in blocks] == [0] + [b.stop for b, _ in blocks[:-1]] and blocks[-1][0].stop == 15
+
+
+def test_auto_picks_grouped_mm_for_small_aligned_cpu_batches_and_the_fused_loop_otherwise(monkeypatch):
+    from libmoe_core.moe import Experts
+    from libmoe_core.moe import experts as experts_module
+
+    experts = Experts(4, 8, 12, 8, gated=True, activation=nn.SiLU())
+    x = torch.randn(10, 8)
+    assert experts.auto_impl(x) == "grouped_mm"  # 10 rows * 24 values: small, widths multiples of 4 floats
+    assert experts.auto_impl(x[:0]) == "loop"  # no rows
+    assert experts.auto_impl(x.double()) == "loop"  # not fp32
+    monkeypatch.setattr(experts_module, "_CPU_GROUPED_MM_MAX_ELEMENTS", 10 * 24 - 1)
+    assert experts.auto_impl(x) == "loop"  # intermediate above the threshold
+    odd = Experts(4, 8, 6, 8, gated=True, activation=nn.SiLU())  # hidden 6 floats: not 16-byte rows
+    assert odd.auto_impl(x) == "loop"
+    counts = torch.tensor([3, 0, 4, 3])
+    for impl in ("auto", "loop", "grouped_mm"):
+        experts.impl = impl
+        if impl == "auto":
+            reference = experts(x, counts)  # threshold patched: the fused loop
+        torch.testing.assert_close(experts(x, counts), reference, atol=1e-6, rtol=1e-6)
