@@ -1,6 +1,6 @@
 """Benchmark one MoE layer: ours vs transformers' experts vs a LibMoE-style loop vs dense.
 
-    python benchmarks/moe_layer.py [--json] [--quick] [--repeats N] [--out FILE]
+    python benchmarks/moe_layer.py [--json] [--quick] [--repeats N] [--out FILE] [--keep-freed-memory]
                                    [--tokens 1024,4096] [--experts 4,8] [--k 1,2] [--impls ours,dense]
 
 Gated experts (gate/up -> SiLU -> down), d=512, h=1024, E in {4, 8, 16, 64},
@@ -31,8 +31,9 @@ compute and both timings are noisy.
 
 On CPU, glibc serves every allocation above 32 MiB with fresh mmap'd pages, so each step pays
 page faults for its large activations and gradients (every implementation alike; measured here
-at 15-30% of a step). ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python
-benchmarks/moe_layer.py`` keeps freed memory in the process and removes that cost.
+at 15-30% of a step, and the largest source of run-to-run noise). ``--keep-freed-memory`` (glibc's
+``mallopt``: no mmap, no trimming) keeps freed memory in the process and removes that cost, the
+steady state a caching allocator (CUDA's) gives; rows record which allocator mode they ran under.
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def build(impl: str, e: int, k: int, device, dtype):
     if impl == "dense":
         return GatedMLP(D, H).to(device=device, dtype=dtype)
     raise ValueError(impl)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc serve every allocation from its heap and never give freed memory back to the
+    OS, so each step reuses the pages of the last one instead of faulting in fresh ones."""
+    import ctypes
+    import ctypes.util
+
+    libc_name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc_name), "mallopt", None) if libc_name else None
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
+    if mallopt is None or not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1)):
+        raise SystemExit("--keep-freed-memory needs glibc's mallopt (Linux); run without it")
 
 
 def sync(device):
@@ -214,7 +228,12 @@ def main(argv=None) -> int:
     parser.add_argument("--experts", default=None, help="comma-separated expert counts (default 4,8,16,64)")
     parser.add_argument("--k", default=None, help="comma-separated top-k values (default 1,2,4)")
     parser.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc: reuse freed memory instead of fresh mmap'd pages (no page-fault cost)")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    malloc_mode = "keep_freed" if args.keep_freed_memory else "default"
 
     experts_grid, k_grid = ([4, 64], [1, 4]) if args.quick else ([4, 8, 16, 64], [1, 2, 4])
     if args.experts:
@@ -241,7 +260,8 @@ def main(argv=None) -> int:
                                    tokens=tokens, fwd_ms=round(fwd, 2), fwdbwd_ms=round(fb, 2),
                                    ratio_vs_dense=round(fb / dense_fb, 3), weight_traffic_ms=round(traffic, 2),
                                    traffic_ratio=round((dense_fb + traffic) / dense_fb, 3),
-                                   floor_fwdbwd_ms=round(floor, 2), floor_ratio=round(floor / dense_fb, 3))
+                                   floor_fwdbwd_ms=round(floor, 2), floor_ratio=round(floor / dense_fb, 3),
+                                   malloc=malloc_mode)
                         rows.append(row)
                         if not args.json:
                             print(f"{row['device']:>4} {row['dtype']:>8} T={tokens:<5} E={e:<3} k={k}  {impl:<12}"

@@ -6,13 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_moe_layer_benchmark_writes_its_json_rows(tmp_path):
+@pytest.mark.parametrize("malloc_flag, malloc_mode", [([], "default"), (["--keep-freed-memory"], "keep_freed")])
+def test_moe_layer_benchmark_writes_its_json_rows(tmp_path, malloc_flag, malloc_mode):
+    if malloc_flag and not sys.platform.startswith("linux"):
+        pytest.skip("--keep-freed-memory uses glibc's mallopt")
     out = tmp_path / "rows.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--json", "--repeats", "1", "--tokens", "32",
-           "--experts", "4", "--k", "1,2", "--out", str(out)]
+           "--experts", "4", "--k", "1,2", "--out", str(out), *malloc_flag]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
@@ -22,5 +27,6 @@ def test_moe_layer_benchmark_writes_its_json_rows(tmp_path):
     for r in rows:
         assert {"impl", "E", "k", "tokens", "fwd_ms", "fwdbwd_ms", "ratio_vs_dense", "floor_fwdbwd_ms"} <= r.keys()
         assert r["E"] == 4 and r["tokens"] == 32 and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+        assert r["malloc"] == malloc_mode
         dense = next(d for d in rows if d["impl"] == "dense" and d["k"] == r["k"])
         assert math.isclose(r["ratio_vs_dense"], r["fwdbwd_ms"] / dense["fwdbwd_ms"], rel_tol=0.02, abs_tol=2e-3)
