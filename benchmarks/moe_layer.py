@@ -111,8 +111,9 @@ def build(impl: str, e: int, k: int, device, dtype):
 
 
 def keep_freed_memory() -> None:
-    """Make glibc serve every allocation from its heap and never give freed memory back to the
-    OS, so each step reuses the pages of the last one instead of faulting in fresh ones."""
+    """Make glibc serve every allocation from its heap and keep up to 2 GiB of freed memory
+    instead of giving it back to the OS, so each step reuses the pages of the last one instead
+    of faulting in fresh ones."""
     import ctypes
     import ctypes.util
 
