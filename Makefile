@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.libmoe-installed
 TORCH_DEFAULT := torch==2.13.0
 
-.PHONY: setup test test-fast demo demo-clean lab bench clean-venv
+.PHONY: setup test test-fast lint demo demo-clean lab bench clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+# ruff, pinned in the dev extra (pyproject.toml holds the rule set); CI runs it before the tests.
+lint: setup
+	$(PY) -m ruff check .
 
 # The whole pipeline on the embedded default: tiny preset, easy-VQA, two routers, evaluation on
 # 1,000 test questions, the analysis notebooks; ends with the accuracy table. Resumable: a second

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                        "docs_per_s": round(len(docs) / seconds, 2)}
                 rows.append(row)
                 if not args.json:
-                    print(f"batch {batch}  record_experts={str(record):<5}  {row['docs_per_s']:7.2f} docs/s", flush=True)
+                    print(f"batch {batch}  record_experts={record!s:<5}  {row['docs_per_s']:7.2f} docs/s", flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
     return 0

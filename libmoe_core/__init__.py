@@ -2,5 +2,5 @@
 
 __version__ = "0.1.0"
 
-from . import model  # noqa: E402,F401  (registers libmoe_vlm with AutoConfig / AutoModelForCausalLM)
-from .moe import ROUTERS, MoELayer, build_moe, register_router  # noqa: E402,F401
+from . import model  # noqa: F401  (registers libmoe_vlm with AutoConfig / AutoModelForCausalLM)
+from .moe import ROUTERS, MoELayer, build_moe, register_router  # noqa: F401

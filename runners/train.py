@@ -92,7 +92,11 @@ def main(argv=None) -> int:
     from libmoe_core.train.config import TrainConfig, validate
     from libmoe_core.train.stages import dataset_files, load_stage_model, stage_template, trainable_summary
     from libmoe_core.train.trainer import (
-        AtomicCheckpointCallback, MetricsFileCallback, MoETrainer, ProgressLineCallback, RouterScheduleCallback,
+        AtomicCheckpointCallback,
+        MetricsFileCallback,
+        MoETrainer,
+        ProgressLineCallback,
+        RouterScheduleCallback,
     )
 
     cfg = TrainConfig(**yaml.safe_load(Path(args.config).read_text()))

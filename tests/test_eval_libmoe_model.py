@@ -118,7 +118,7 @@ def test_loglikelihood_prefers_the_greedy_answer(checkpoint):
     lm = make(checkpoint)
     doc_id = 1
     (greedy,) = make(checkpoint).generate_until([gen_requests(1)[doc_id]])
-    visual = lambda doc: doc["images"]  # noqa: E731
+    visual = lambda doc: doc["images"]
     scores = lm.loglikelihood([Request((QUESTIONS[doc_id], " " + w, visual, doc_id, "toy", "test"))
                                for w in ("zebra", "quantum")])
     assert all(lp < 0 for lp, _ in scores)
@@ -126,7 +126,7 @@ def test_loglikelihood_prefers_the_greedy_answer(checkpoint):
     # the greedy one-token answer is greedy under loglikelihood too
     token = lm.processor.tokenizer(greedy, add_special_tokens=False)["input_ids"]
     if len(token) == 1:
-        ((lp, is_greedy),) = lm.loglikelihood([Request((QUESTIONS[doc_id], greedy, visual, doc_id, "toy", "test"))])
+        ((_, is_greedy),) = lm.loglikelihood([Request((QUESTIONS[doc_id], greedy, visual, doc_id, "toy", "test"))])
         assert is_greedy
 
 
@@ -164,7 +164,7 @@ def test_drop_top1_ablation_through_the_model_class(tmp_path):
     model.save_pretrained(checkpoint)
     build_processor("tiny").save_pretrained(checkpoint)
 
-    visual = lambda doc: doc["images"]  # noqa: E731
+    visual = lambda doc: doc["images"]
     requests = [Request((QUESTIONS[i], " circle", visual, i, "toy", "test")) for i in (0, 1, 4)]
     plain = make(checkpoint)
     baseline = plain.loglikelihood(requests)

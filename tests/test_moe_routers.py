@@ -118,6 +118,8 @@ def test_default_coefficients_are_never_silently_zero():
         make_router("smoe", balance_coef=-1)
     with pytest.raises(ValueError, match="z_coef"):
         make_router("smoe", z_coef="lots")
+    with pytest.raises(ValueError, match="balance_coef must be >= 0, got nan"):
+        make_router("smoe", balance_coef=float("nan"))
 
 
 @pytest.mark.parametrize("name", ALL_ROUTERS)
@@ -191,7 +193,7 @@ def test_hyper_router_k_schedule():
     router = make_router("hyper", e=8, k=4, k_min=1)
     router.train()
     schedule = []
-    for step in range(0, 11):
+    for step in range(11):
         router.set_step(step, 10)
         schedule.append(router.current_k())
         assert router(torch.randn(3, 16)).experts.shape == (3, router.current_k())

@@ -100,7 +100,7 @@ def apply_placement(model, placement: str, spec: dict, *, noise: bool = True) ->
         parent, attr = slots[i]
         dense = getattr(parent, attr)
         if isinstance(dense, MoELayer):
-            raise ValueError(f"{placement} layer {i} is already an MoE layer")
+            raise ValueError(f"{placement} layer {i} is already an MoE layer")  # noqa: TRY004  a model state, not a type
         if placement == "projector" and isinstance(dense, nn.Linear):
             raise ValueError("an MoE projector upcycles the mlp2x_gelu projector; projector_type='linear' has no MLP to copy")
         options = dict(spec["router_options"])

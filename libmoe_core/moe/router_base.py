@@ -7,6 +7,7 @@ k experts chosen per token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -232,7 +233,7 @@ def _check_coef(field_name: str, value) -> float:
         value = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{field_name} must be a number, got {value!r}") from None
-    if value < 0 or value != value:
+    if value < 0 or math.isnan(value):
         raise ValueError(f"{field_name} must be >= 0, got {value!r}")
     return value
 

@@ -131,7 +131,7 @@ class HyperRouter(Router):
         if not self.training or self.total_steps <= 0:
             return self.top_k
         frac = min(max(self.step / self.total_steps, 0.0), 1.0)
-        return int(round((self.k_max - self.k_min) * frac)) + self.k_min
+        return round((self.k_max - self.k_min) * frac) + self.k_min
 
     def scores(self, x):
         generated = self._generate()  # [E*d + E]

@@ -48,17 +48,17 @@ def read_dense_mlp(mlp: nn.Module) -> DenseMLPWeights:
     ``fc1``/``fc2``), and ``nn.Sequential(Linear, activation, Linear)`` (LLaVA projector).
     """
     if hasattr(mlp, "gate_up_proj") and hasattr(mlp, "down_proj"):  # Phi-3: [gate; up] fused
-        act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act_fn")
+        act = getattr(mlp, "activation_fn", None) or mlp.act_fn
         return DenseMLPWeights(mlp.gate_up_proj.weight.detach().t(), mlp.down_proj.weight.detach().t(),
                                _bias(mlp.gate_up_proj), _bias(mlp.down_proj), True, act)
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):  # Llama family
         w_in = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()], 0).t()
         biases = [_bias(mlp.gate_proj), _bias(mlp.up_proj)]
         b_in = None if biases[0] is None else torch.cat(biases)
-        act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn")
+        act = getattr(mlp, "act_fn", None) or mlp.activation_fn
         return DenseMLPWeights(w_in, mlp.down_proj.weight.detach().t(), b_in, _bias(mlp.down_proj), True, act)
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):  # SigLIP / CLIP
-        act = getattr(mlp, "activation_fn", None) or getattr(mlp, "act")
+        act = getattr(mlp, "activation_fn", None) or mlp.act
         return DenseMLPWeights(mlp.fc1.weight.detach().t(), mlp.fc2.weight.detach().t(),
                                _bias(mlp.fc1), _bias(mlp.fc2), False, act)
     if isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and isinstance(mlp[2], nn.Linear):

@@ -8,9 +8,9 @@ executed notebook that holds the traceback.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 STAGES = ("pretrain", "pft", "sft", "eval", "analysis")
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
@@ -119,7 +119,7 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
         try:
             pm.execute_notebook(str(step.notebook), str(step.output), parameters=step.parameters,
                                 kernel_name=kernel, progress_bar=False, cwd=str(step.notebook.parent))
-        except Exception as err:  # papermill's execution error, or a missing kernel/notebook
+        except Exception as err:  # noqa: BLE001  papermill's execution error, or a missing kernel/notebook: named, then exit 1
             log(f"[pipeline] {step.name} FAILED: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}")
             log(f"[pipeline] the executed notebook with the full traceback: {step.output}")
             return 1

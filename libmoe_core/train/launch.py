@@ -8,9 +8,9 @@ import socket
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 from .config import TrainConfig
 from .cpus import available_cpus
