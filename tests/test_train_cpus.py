@@ -57,7 +57,7 @@ def test_training_entry_keeps_deepspeed_from_compiling_its_cpu_shm_op(monkeypatc
     assert ops["deepspeed_shm_comm"] is False  # build_shm_op then returns None: gloo all-reduce
 
 
-# Two gloo ranks that keep references to their process groups (as DeepSpeed and accelerate do).
+# Two gloo ranks that keep references to their process groups (as the training objects do).
 # With ``destroy_process_group()`` and a normal exit, about half of such pairs have a rank die
 # with "terminate called without an active exception" (16 of 30 measured with torch 2.13).
 RANK_SCRIPT = """
