@@ -253,8 +253,8 @@ def test_auto_picks_grouped_mm_for_small_aligned_cpu_batches_and_the_fused_loop_
     assert odd.auto_impl(x) == "loop"
     monkeypatch.undo()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert experts.auto_impl(x, [3, 0, 4, 3]) == "grouped_mm"  # 3 busy experts: no parallel workers
-    assert experts.auto_impl(x, [3, 1, 3, 3]) == "loop"  # 4 small experts on 2 threads: parallel workers
+    assert experts.auto_impl(x, torch.tensor([3, 0, 4, 3])) == "grouped_mm"  # 3 busy experts: no parallel workers
+    assert experts.auto_impl(x, torch.tensor([3, 1, 3, 3])) == "loop"  # 4 small experts on 2 threads: parallel workers
     monkeypatch.setattr(experts_module, "_CPU_GROUPED_MM_MAX_ELEMENTS", 10 * 24 - 1)
     counts = torch.tensor([3, 0, 4, 3])
     for impl in ("auto", "loop", "grouped_mm"):

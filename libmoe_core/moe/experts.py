@@ -395,17 +395,17 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: [S, in] sorted by expert, counts: [E] -> [S, out]."""
-        rows_per_expert = counts.tolist()
-        impl = self.auto_impl(x, rows_per_expert) if self.impl == "auto" else self.impl
+        impl = self.auto_impl(x, counts) if self.impl == "auto" else self.impl
         if impl == "loop":  # one expert at a time through the whole MLP
             params = (x, self.w_in, self.b_in, self.w_out, self.b_out)
             keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+            rows_per_expert = counts.tolist()
             return _SegmentedMLP.apply(x.contiguous(), self.w_in, self.b_in, self.w_out, self.b_out, rows_per_expert,
                                        self.activate, keep, expert_workers(x, rows_per_expert))
         h = grouped_linear(x, self.w_in, counts, self.b_in, impl)  # [S, h or 2h]
         return grouped_linear(self.activate(h), self.w_out, counts, self.b_out, impl)
 
-    def auto_impl(self, x: torch.Tensor, counts: list[int] | None = None) -> str:
+    def auto_impl(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> str:
         """What ``impl="auto"`` runs on x [S, in] split by ``counts``: ``torch._grouped_mm`` on CUDA
         bf16; on CPU the fused per-expert MLP when its experts run on parallel workers
         (:func:`expert_workers`), else grouped_mm for fp32 while the [S, h or 2h] intermediate is small
@@ -413,8 +413,8 @@ class Experts(nn.Module):
         experts; else the fused loop, whose cache locality wins once the intermediate no longer fits."""
         if grouped_mm_supported(x, self.w_in):
             return "grouped_mm"
-        if counts is not None and expert_workers(x, counts) > 1:
-            return "loop"
+        if counts is not None and x.device.type == "cpu" and expert_workers(x, counts.tolist()) > 1:
+            return "loop"  # (the CPU check first: reading counts on a GPU would wait for it)
         small = 0 < x.shape[0] * self.w_in.shape[-1] <= _CPU_GROUPED_MM_MAX_ELEMENTS
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and hasattr(torch, "_grouped_mm")
         widths = (self.in_features, self.w_in.shape[-1], self.hidden_features, self.out_features)
