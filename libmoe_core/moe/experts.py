@@ -69,8 +69,8 @@ def _chunks(counts: list[int], n_chunks: int) -> list[_Chunk]:
 #: _PARALLEL_MIN_EXPERTS_PER_WORKER non-empty experts averaging at most _PARALLEL_MAX_MEAN_ROWS
 #: rows. Small GEMMs split over threads scale poorly (on a 2-core VM, [64, 512] @ [512, 2048]
 #: ran 1.2x faster on two threads than on one), while experts are independent. Measured there
-#: (d=512, h=1024, fwd+bwd of evenly loaded experts): 10-35% faster than grouped_mm and the
-#: sequential loop at 16-256 rows per expert, about even at 512, no gain from 1024 rows on.
+#: (d=512, h=1024, fwd+bwd of evenly loaded experts): 10-32% faster than grouped_mm at 16-128
+#: rows per expert, 3% slower to 15% faster at 256, mixed at 512, no gain from 1024 rows on.
 _PARALLEL_MIN_EXPERTS_PER_WORKER = 2
 _PARALLEL_MAX_MEAN_ROWS = 256
 
