@@ -16,6 +16,14 @@ timed round-robin (each round one step of each, order rotated) so the drift of a
 machine's speed does not favour whichever ran first; gradients are set to None between
 iterations as an optimiser's zero_grad does.
 
+Paired ratios: sample r of every implementation ran in the same round, so per-round ratios
+cancel most of the drift. Rows carry ``paired_vs_dense`` (median of impl / dense per round) and,
+for ours, ``paired_vs_fastest_hf`` (against the transformers implementation with the lowest
+median, ``fastest_hf``), each with ``*_ci``: a distribution-free confidence interval of that
+median (order statistics; ``ci_coverage`` says its level, 0.95 from 6 repeats on). The run ends
+with the issue's targets over these: a row whose interval lies above 1 is slower beyond the
+noise, one whose median is above 1 but interval straddles 1 is a tie at this many repeats.
+
 Every row also carries ``floor_fwdbwd_ms``: fwd+bwd of the E experts alone (our stacked
 experts on tokens*k rows pre-sorted and split evenly; no router, sort, gather or combine), the
 cost of the expert GEMMs that any implementation keeping E separate experts pays, and
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -137,10 +146,11 @@ def time_once_ms(fn, device) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-def interleaved_medians(steps: dict, device, repeats: int) -> dict:
-    """Median ms of every step, timed round-robin (one warm-up each, then ``repeats`` rounds,
-    the order rotated every round) so that drift in the machine's speed, which on a shared VM
-    is larger than the differences measured, hits every implementation alike."""
+def interleaved_samples(steps: dict, device, repeats: int) -> dict:
+    """ms of every step in every round, timed round-robin (one warm-up each, then ``repeats``
+    rounds, the order rotated every round) so that drift in the machine's speed, which on a shared
+    VM is larger than the differences measured, hits every implementation alike. Sample r of two
+    steps ran in the same round, close in time: their ratio is a paired measurement."""
     names = list(steps)
     for name in names:
         steps[name]()
@@ -148,7 +158,28 @@ def interleaved_medians(steps: dict, device, repeats: int) -> dict:
     for r in range(repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             samples[name].append(time_once_ms(steps[name], device))
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
+
+
+def median_ci(values, confidence: float = 0.95) -> tuple[float, float, float, float]:
+    """(median, low, high, coverage): a distribution-free confidence interval of the median, the
+    order statistics x(j) and x(n+1-j) with the largest j whose coverage 1 - 2 P(Binomial(n, 1/2) < j)
+    is >= ``confidence``; with too few values for that, the whole range (j = 1) and its coverage."""
+    x = sorted(values)
+    n = len(x)
+
+    def coverage(j: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(j)) / 2**n
+
+    j = 1
+    while j + 1 <= (n + 1) // 2 and coverage(j + 1) >= confidence:
+        j += 1
+    return statistics.median(x), x[j - 1], x[n - j], coverage(j)
+
+
+def paired_ratio(samples: dict, numerator, denominator) -> tuple[float, float, float, float]:
+    """median_ci of the per-round ratios numerator / denominator (fwd+bwd, same round)."""
+    return median_ci([a / b for a, b in zip(samples[numerator], samples[denominator], strict=True)])
 
 
 def layer_steps(impl, e, k, tokens, device, dtype):
@@ -206,17 +237,83 @@ def weight_traffic_step(e: int):
     return touch
 
 
-def measure_row(impls, e, k, tokens, device, dtype, repeats) -> tuple[dict, float, float]:
-    """({impl: (fwd_ms, fwdbwd_ms)}, floor_ms, traffic_ms) of one (E, k, tokens) row, interleaved."""
+def measure_row(impls, e, k, tokens, device, dtype, repeats) -> tuple[dict, float, float, dict]:
+    """({impl: (fwd_ms, fwdbwd_ms)}, floor_ms, traffic_ms, samples) of one (E, k, tokens) row,
+    interleaved; medians of the rounds, ``samples`` the rounds themselves (see interleaved_samples)."""
     steps = {}
     for impl in impls:
         steps[impl, "fwd"], steps[impl, "fwdbwd"] = layer_steps(impl, e, k, tokens, device, dtype)
     steps["floor"] = expert_floor_step(e, k, tokens, device, dtype)
     if device.type == "cpu":
         steps["traffic"] = weight_traffic_step(e)
-    ms = interleaved_medians(steps, device, repeats)
+    samples = interleaved_samples(steps, device, repeats)
+    ms = {name: statistics.median(v) for name, v in samples.items()}
     results = {impl: (ms[impl, "fwd"], ms[impl, "fwdbwd"]) for impl in impls}
-    return results, ms["floor"], ms.get("traffic", float("nan"))
+    return results, ms["floor"], ms.get("traffic", float("nan")), samples
+
+
+def paired_columns(impl: str, results: dict, samples: dict) -> dict:
+    """Paired per-round fwd+bwd ratios of ``impl`` (median and its confidence interval): against
+    dense, and for ours against the transformers implementation with the lowest median."""
+    columns = {}
+    if "dense" in results and impl != "dense":
+        median, low, high, cover = paired_ratio(samples, (impl, "fwdbwd"), ("dense", "fwdbwd"))
+        columns.update(paired_vs_dense=round(median, 3), paired_vs_dense_ci=[round(low, 3), round(high, 3)],
+                       ci_coverage=round(cover, 3))
+    hf = [name for name in results if name.startswith("hf_")]
+    if impl == "ours" and hf:
+        fastest = min(hf, key=lambda name: results[name][1])
+        median, low, high, cover = paired_ratio(samples, ("ours", "fwdbwd"), (fastest, "fwdbwd"))
+        columns.update(fastest_hf=fastest, paired_vs_fastest_hf=round(median, 3),
+                       paired_vs_fastest_hf_ci=[round(low, 3), round(high, 3)], ci_coverage=round(cover, 3))
+    return columns
+
+
+def target_summary(rows: list[dict], dense_limit: float = 1.2, at_tokens: int = 4096) -> list[str]:
+    """The issue's two targets over the ``ours`` rows, by paired median and by confidence interval:
+    fwd+bwd <= ``dense_limit`` x dense at ``at_tokens`` tokens, and <= the fastest transformers one."""
+
+    def names(rs):
+        return ", ".join(f"T={r['tokens']} E={r['E']} k={r['k']}" for r in rs) or "none"
+
+    lines = []
+    for (device, dtype), group in _groups([r for r in rows if r["impl"] == "ours"]).items():
+        head = f"{device} {dtype}:"
+        dense = [r for r in group if r["tokens"] == at_tokens and "paired_vs_dense" in r]
+        if dense:
+            within = [r for r in dense if r["paired_vs_dense"] <= dense_limit]
+            above = [r for r in dense if r["paired_vs_dense_ci"][0] > dense_limit]
+            lines.append(f"{head} ours fwd+bwd <= {dense_limit}x dense at {at_tokens} tokens: {len(within)}/{len(dense)} "
+                         f"rows (paired median); confidence interval above {dense_limit}: {names(above)}")
+        vs_hf = [r for r in group if "paired_vs_fastest_hf" in r]
+        if vs_hf:
+            within = [r for r in vs_hf if r["paired_vs_fastest_hf"] <= 1]
+            slower = [r for r in vs_hf if r["paired_vs_fastest_hf_ci"][0] > 1]
+            faster = [r for r in vs_hf if r["paired_vs_fastest_hf_ci"][1] < 1]
+            ratios = sorted(r["paired_vs_fastest_hf"] for r in vs_hf)
+            lines.append(f"{head} ours fwd+bwd <= fastest transformers: {len(within)}/{len(vs_hf)} rows (paired median; "
+                         f"median over rows {statistics.median(ratios):.3f}, worst {ratios[-1]:.3f}); confidence "
+                         f"interval below 1 (faster) on {len(faster)}, above 1 (slower) on {len(slower)}: {names(slower)}")
+    coverages = sorted({r["ci_coverage"] for r in rows if "ci_coverage" in r})
+    if coverages:
+        lines.append(f"confidence intervals: distribution-free, of the median of per-round ratios; coverage "
+                     f"{', '.join(f'{c:.3f}' for c in coverages)} (0.95 needs >= 6 repeats)")
+    return lines
+
+
+def _paired_text(row: dict) -> str:
+    """' paired x1.02 [0.98, 1.06] vs hf_grouped' for a row that has it, else ''."""
+    if "paired_vs_fastest_hf" not in row:
+        return ""
+    low, high = row["paired_vs_fastest_hf_ci"]
+    return f"   paired x{row['paired_vs_fastest_hf']:.3f} [{low:.3f}, {high:.3f}] vs {row['fastest_hf']}"
+
+
+def _groups(rows: list[dict]) -> dict:
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["device"], r["dtype"]), []).append(r)
+    return groups
 
 
 def main(argv=None) -> int:
@@ -254,7 +351,7 @@ def main(argv=None) -> int:
                 for k in k_grid:
                     if k > e:
                         continue
-                    results, floor, traffic = measure_row(impls, e, k, tokens, device, dtype, args.repeats)
+                    results, floor, traffic, samples = measure_row(impls, e, k, tokens, device, dtype, args.repeats)
                     dense_fb = results["dense"][1] if "dense" in results else float("nan")
                     for impl, (fwd, fb) in results.items():
                         row = dict(impl=impl, device=device.type, dtype=str(dtype).removeprefix("torch."), E=e, k=k,
@@ -262,17 +359,20 @@ def main(argv=None) -> int:
                                    ratio_vs_dense=round(fb / dense_fb, 3), weight_traffic_ms=round(traffic, 2),
                                    traffic_ratio=round((dense_fb + traffic) / dense_fb, 3),
                                    floor_fwdbwd_ms=round(floor, 2), floor_ratio=round(floor / dense_fb, 3),
-                                   malloc=malloc_mode)
+                                   malloc=malloc_mode, **paired_columns(impl, results, samples))
                         rows.append(row)
                         if not args.json:
                             print(f"{row['device']:>4} {row['dtype']:>8} T={tokens:<5} E={e:<3} k={k}  {impl:<12}"
-                                  f" fwd {fwd:8.1f} ms   fwd+bwd {fb:8.1f} ms   x{row['ratio_vs_dense']:.2f} dense", flush=True)
+                                  f" fwd {fwd:8.1f} ms   fwd+bwd {fb:8.1f} ms   x{row['ratio_vs_dense']:.2f} dense"
+                                  + _paired_text(row), flush=True)
                     if not args.json:
                         print(f"{'':>14} T={tokens:<5} E={e:<3} k={k}  {'experts only':<12} {'':>16} fwd+bwd "
                               f"{floor:8.1f} ms   x{floor / dense_fb:.2f} dense (the GEMM floor)", flush=True)
     if args.json:
         json.dump(rows, sys.stdout, indent=1)
         print()
+    for line in target_summary(rows):  # stderr under --json, so stdout stays one JSON document
+        print(line, file=sys.stderr if args.json else sys.stdout)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
