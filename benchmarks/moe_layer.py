@@ -329,6 +329,8 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc: reuse freed memory instead of fresh mmap'd pages (no page-fault cost)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1 (timed rounds after the warm-up), got {args.repeats}")
     if args.keep_freed_memory:
         keep_freed_memory()
     malloc_mode = "keep_freed" if args.keep_freed_memory else "default"

@@ -132,3 +132,10 @@ def test_keep_freed_memory_reuses_pages_instead_of_faulting_in_fresh_ones():
     assert default >= 12 * pages, (default, keep)  # every one of the 16 allocations faults its pages in afresh
     # only while the heap grows (measured: 2-4 allocations' worth); later ones reuse its pages
     assert keep <= default / 3, (default, keep)
+
+
+def test_benchmark_refuses_zero_repeats_by_name(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark_module().main(["--repeats", "0"])
+    assert exit_info.value.code == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
