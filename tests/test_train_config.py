@@ -44,6 +44,8 @@ def test_gradient_accumulation_is_derived_and_checked():
     ("data_policy", "ignore", "data_policy"),
     ("top_k", 9, "top_k=9 exceeds num_experts"),
     ("max_steps", 0, "max_steps"),
+    ("balance_coef", -0.01, "balance_coef must be >= 0 or None"),
+    ("z_coef", "lots", "'z_coef' must be float or NoneType"),
 ])
 def test_bad_values_name_the_field(key, value, needle):
     with pytest.raises(ValueError, match=needle):

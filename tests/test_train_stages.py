@@ -126,6 +126,20 @@ def test_bad_record_fails_with_its_id_unless_skipped(tmp_path):
     assert any("skip" in line and "2" in line for line in lines), "the skip count is not logged"
 
 
+def test_sft_keeps_the_routers_own_coefficients_unless_set(tmp_path):
+    """The config's balance_coef / z_coef default to None: each router keeps its default (auxfree 1e-4)."""
+    from libmoe_core.model.modeling import placed_moe_layers
+    from libmoe_core.train.stages import load_stage_model
+
+    dense, processor = load_stage_model(resolve_config("pretrain", overrides={"run_dir": str(tmp_path)}))
+    dense.save_pretrained(tmp_path / "pft" / "final")
+    processor.save_pretrained(tmp_path / "pft" / "final")
+    for overrides, expected in (({}, {"balance": 1e-4, "z": 1e-3}), ({"balance_coef": 0.05, "z_coef": 0}, {"balance": 0.05, "z": 0.0})):
+        cfg = resolve_config("sft", overrides={"run_dir": str(tmp_path), "router": "auxfree", **overrides})
+        layers = [layer for _, _, layer in placed_moe_layers(load_stage_model(cfg)[0])]
+        assert layers and all(layer.router.coefs == expected for layer in layers), overrides
+
+
 def test_loss_falls_on_a_fixed_batch(tmp_path):
     """In-process (no DeepSpeed): the MoE trainer drives the sft model's loss down on one batch."""
     from transformers import TrainingArguments

@@ -86,8 +86,8 @@ class TrainConfig:
     moe_vision: bool = True
     moe_projector: bool = False
     moe_llm_layers: typing.Any = None  # None | "all" | "every_other" | "second_half" | list[int]
-    balance_coef: float = 0.01
-    z_coef: float = 0.001
+    balance_coef: float | None = None  # None: the router's default (0.01; auxfree 1e-4)
+    z_coef: float | None = None  # None: the router's default (0.001)
     router_options: dict = field(default_factory=dict)
 
     # ---- derived
@@ -208,6 +208,9 @@ def validate(cfg: TrainConfig) -> None:
                  "logging_steps", "save_steps", "max_length"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
+    for name in ("balance_coef", "z_coef"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be >= 0 or None (the router's default), got {getattr(cfg, name)!r}")
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
