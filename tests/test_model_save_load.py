@@ -39,6 +39,22 @@ def test_round_trip_is_exact(tmp_path, router):
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
 
 
+def test_auxfree_bias_stays_fp32_in_a_bf16_load(tmp_path):
+    from libmoe_core.model.modeling import placed_moe_layers
+
+    model = build_model("tiny", moe_llm_layers="all", router="auxfree")
+    with torch.no_grad():
+        for _, i, layer in placed_moe_layers(model):
+            layer.router.selection_bias.fill_(0.6 + 1e-3 * i)  # steps bf16 cannot hold at 0.6
+    model.save_pretrained(tmp_path)
+    loaded = LibMoEVLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    layers = list(placed_moe_layers(loaded))
+    assert layers and all(layer.router.gate.weight.dtype == torch.bfloat16 for _, _, layer in layers)
+    for _, i, layer in layers:
+        assert layer.router.selection_bias.dtype == torch.float32
+        assert layer.router.selection_bias.tolist() == [torch.tensor(0.6 + 1e-3 * i).item()] * 4
+
+
 def test_auto_classes_load_after_import(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -107,6 +107,55 @@ def test_router_math_is_fp32_for_bf16_models(name):
     assert out.weights.dtype == torch.float32 and out.probs.dtype == torch.float32 and out.logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("name", ALL_ROUTERS)
+def test_router_math_is_fp32_under_autocast(name):
+    """Autocast would run the gate in bf16; the router turns it off and matches fp32 exactly."""
+    router = make_router(name)
+    x = torch.randn(32, 16)
+    reference = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = router(x)
+    assert out.logits.dtype == torch.float32 and out.probs.dtype == torch.float32
+    torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)
+    assert torch.equal(out.experts, reference.experts)
+    if name == "moepp":  # the constant expert's mixing gate is router math too
+        layer = build_moe(nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 16)), "moepp", 4, 2, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            route = layer.router(x)
+            extra = layer.router.extra_output(x, route)
+        torch.testing.assert_close(extra, layer.router.extra_output(x, layer.router(x)), rtol=0, atol=0)
+
+
+def test_router_input_must_be_flat_tokens_of_the_hidden_size():
+    router = make_router("smoe")
+    with pytest.raises(ValueError, match=r"router 'smoe' expects tokens flattened to \[T, 16\], got shape \(2, 3, 16\)"):
+        router(torch.randn(2, 3, 16))
+    with pytest.raises(ValueError, match=r"got shape \(3, 17\)"):
+        router(torch.randn(3, 17))
+    layer = build_moe(nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 16)), "smoe", 4, 2)
+    with pytest.raises(ValueError, match=r"MoELayer expects inputs \[\.\.\., 16\], got shape \(2, 3, 17\)"):
+        layer(torch.randn(2, 3, 17))
+
+
+def test_an_aux_term_without_a_coefficient_is_an_error():
+    class Extra(get_router_class("smoe")):
+        def compute_aux_terms(self, out):
+            return {**super().compute_aux_terms(out), "entropy": out.probs.mean()}
+
+    with pytest.raises(KeyError, match=r"aux term\(s\) \['entropy'\] without a coefficient"):
+        Extra(16, 4, 2)(torch.randn(3, 16))
+
+
+def test_router_option_values_are_checked():
+    with pytest.raises(ValueError, match="null_coef must be >= 0"):
+        make_router("tcmoe", null_coef=-1)
+    with pytest.raises(ValueError, match="bias_update_rate must be >= 0"):
+        make_router("auxfree", bias_update_rate=-1e-3)
+    with pytest.raises(ValueError, match="routing_dim must be a positive integer, got 0"):
+        make_router("xmoe", routing_dim=0)
+    assert make_router("xmoe", e=8).proj.out_features == 4  # None: E / 2
+
+
 def test_default_coefficients_are_never_silently_zero():
     for name in ALL_ROUTERS:
         router = make_router(name)
@@ -250,6 +299,28 @@ def test_auxfree_bias_moves_toward_underloaded_experts():
     routers_step_end(model)
     assert not torch.equal(before, model[0].router.selection_bias)
     assert model[0].router.load_counts.sum() == 0
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])
+def test_auxfree_state_stays_fp32_when_the_model_is_cast(cast):
+    """In bf16 a bias at 0.6 cannot move by 1e-3 (its spacing there is 2**-8): the state stays fp32."""
+    layer = cast(build_moe(nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 16)), "auxfree", 4, 1, seed=0))
+    router = layer.router
+    assert router.gate.weight.dtype != torch.float32  # the cast did reach the router's parameters
+    assert router.selection_bias.dtype == torch.float32 and router.load_counts.dtype == torch.int64
+    with torch.no_grad():
+        router.selection_bias.copy_(torch.tensor([0.6, 0.55, -0.6, -0.6]))
+        router.gate.weight.zero_()
+    router.train()
+    x = torch.randn(3000, 16, dtype=router.gate.weight.dtype)
+    route = router(x)
+    assert (route.experts == 0).all()  # equal scores: the bias picks expert 0
+    assert router.load_counts.tolist() == [3000, 0, 0, 0]  # exact counts (bf16 would hold 3008)
+    router.on_step_end()
+    expected = torch.tensor([0.6 - 1e-3, 0.55 + 1e-3, -0.6 + 1e-3, -0.6 + 1e-3])
+    torch.testing.assert_close(router.selection_bias, expected, rtol=0, atol=1e-7)
+    state = router.state_dict()
+    assert state["selection_bias"].dtype == torch.float32 and "load_counts" not in state
 
 
 def test_shared_router_always_uses_the_shared_expert():

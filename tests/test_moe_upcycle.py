@@ -83,6 +83,13 @@ def test_noise_makes_experts_differ_and_dtype_follows_dense():
     assert not torch.equal(noisy.experts.w_in[0], noisy.experts.w_in[1])
     rel = (noisy.experts.w_in[0] - exact.experts.w_in[0]).std() / exact.experts.w_in[0].std()
     assert 0.005 < rel.item() < 0.02
+    # the noise is not the next layer's router initialisation (layer i+1's router seed is seed + 1)
+    next_router = build_moe(dense, num_experts=3, seed=2).router.gate.weight.flatten()  # [E*D]
+    noise = (noisy.experts.w_in - exact.experts.w_in).flatten()[: next_router.numel()]
+    assert abs(torch.corrcoef(torch.stack([noise, next_router]))[0, 1].item()) < 0.5  # it was 1.0
+    torch.testing.assert_close(build_moe(dense, num_experts=3, noise=0.01, seed=1).experts.w_in, noisy.experts.w_in)
+    unseeded = [build_moe(dense, num_experts=3, noise=0.01).experts.w_in for _ in range(2)]
+    assert not torch.equal(unseeded[0], unseeded[1])  # seed=None: torch's global RNG, not one fixed stream
     half = build_moe(randomise(MLPS["phi3"]()).to(torch.bfloat16), num_experts=2)
     assert half.experts.w_in.dtype == torch.bfloat16 and half.router.gate.weight.dtype == torch.float32
     assert half(torch.randn(2, D, dtype=torch.bfloat16)).dtype == torch.bfloat16

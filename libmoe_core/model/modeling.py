@@ -196,7 +196,7 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
             coefs = layer.router.coefs
             for term, value in routing.aux_terms.items():
                 key = f"{placement}/{term}"
-                contribution = coefs.get(term, 0.0) * value
+                contribution = coefs[term] * value  # every term has one (Router.forward checks)
                 weighted[key] = weighted[key] + contribution if key in weighted else contribution
                 sums.setdefault(key, []).append(value.detach())
         if not weighted:

@@ -156,6 +156,8 @@ class MoELayer(nn.Module):
         return self.experts.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.experts.in_features:
+            raise ValueError(f"MoELayer expects inputs [..., {self.experts.in_features}], got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])  # [T, in]
         kept = self._kept_rows(lead, tokens.device)  # [T'] rows of real tokens, None = all

@@ -7,6 +7,7 @@ k experts chosen per token.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -51,6 +52,13 @@ def balance_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2. logits: [T, S]."""
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def fp32_math(device_type: str):
+    """A context in which autocast is off, so fp32 inputs give fp32 results."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- selection helpers
@@ -101,6 +109,9 @@ class Router(nn.Module):
     default_z_coef: ClassVar[float] = DEFAULT_Z_COEF
     #: The layer's output needs in_features == out_features (constant/copy experts).
     requires_square: ClassVar[bool] = False
+    #: Floating buffers of non-gradient router state that stay fp32 when the model is
+    #: cast (``model.to(torch.bfloat16)``): a bf16 bias cannot take small steps.
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -205,13 +216,30 @@ class Router(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        """x: [T, d] in any dtype -> RouterOutput (fp32)."""
-        logits = self.scores(x.float())
-        experts, weights, probs = self.select(logits)
-        out = RouterOutput(experts=experts, weights=weights, probs=probs, logits=logits)
-        out.aux_terms = self.compute_aux_terms(out)
-        out.aux_loss = sum(self.coefs.get(name, 0.0) * term for name, term in out.aux_terms.items())
+        """x: [T, d] in any dtype -> RouterOutput (fp32, also under autocast)."""
+        if x.dim() != 2 or x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"router '{self.name}' expects tokens flattened to [T, {self.hidden_size}], got shape {tuple(x.shape)}"
+            )
+        with fp32_math(x.device.type):
+            logits = self.scores(x.float())
+            experts, weights, probs = self.select(logits)
+            out = RouterOutput(experts=experts, weights=weights, probs=probs, logits=logits)
+            out.aux_terms = self.compute_aux_terms(out)
+        missing = sorted(set(out.aux_terms) - set(self.coefs))
+        if missing:
+            raise KeyError(f"router '{self.name}' reports aux term(s) {missing} without a coefficient in self.coefs")
+        out.aux_loss = sum(self.coefs[name] * term for name, term in out.aux_terms.items())
         return out
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module casts and moves; the :attr:`fp32_buffers` are cast back to fp32."""
+        super()._apply(fn, recurse)
+        for name in self.fp32_buffers:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
 
     def ffn_ids(self, experts: torch.Tensor) -> torch.Tensor:
         """Map slot ids [T, k] to feed-forward expert ids (-1: no feed-forward expert)."""

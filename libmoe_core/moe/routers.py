@@ -11,7 +11,10 @@ from torch import nn
 
 from .router_base import (
     Router,
+    _check_coef,
+    _check_positive_int,
     balance_loss,
+    fp32_math,
     register_router,
     sigmoid_topk,
     softmax_topk,
@@ -158,7 +161,9 @@ class XMoERouter(Router):
 
     def __init__(self, hidden_size, num_experts, top_k, *, routing_dim: int | None = None, temperature: float = 0.3, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)
-        routing_dim = routing_dim or max(num_experts // 2, 1)
+        if routing_dim is None:
+            routing_dim = max(num_experts // 2, 1)
+        _check_positive_int("routing_dim", routing_dim)
         if temperature <= 0:
             raise ValueError(f"xmoe temperature must be > 0, got {temperature}")
         self.temperature = temperature
@@ -254,7 +259,7 @@ class TCMoERouter(Router):
 
     def __init__(self, hidden_size, num_experts, top_k, *, null_coef: float = 1e-5, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)
-        self.coefs["null"] = float(null_coef)
+        self.coefs["null"] = _check_coef("null_coef", null_coef)
         e = num_experts
         self.gate = self.make_gate(self.num_slots, bias=True)
         with torch.no_grad():
@@ -330,7 +335,8 @@ class MoEPlusPlusRouter(Router):
     def extra_output(self, x, out):
         e = self.num_experts
         w_const = (out.weights * (out.experts == e + 1)).sum(-1, keepdim=True).to(x.dtype)  # [T, 1]
-        alpha = torch.softmax(F.linear(x.float(), self.constant_gate.weight.float()), dim=-1).to(x.dtype)  # [T, 2]
+        with fp32_math(x.device.type):
+            alpha = torch.softmax(F.linear(x.float(), self.constant_gate.weight.float()), dim=-1).to(x.dtype)  # [T, 2]
         y = w_const * (alpha[:, :1] * x + alpha[:, 1:] * self.constant_vector.to(x.dtype))
         if self.copy_expert:
             y = y + (out.weights * (out.experts == e + 2)).sum(-1, keepdim=True).to(x.dtype) * x
@@ -349,13 +355,14 @@ class AuxFreeRouter(Router):
     """
 
     default_balance_coef = 1e-4
+    fp32_buffers = ("selection_bias",)  # a bf16 bias at |b| >= 0.5 would not move by 1e-3
 
     def __init__(self, hidden_size, num_experts, top_k, *, bias_update_rate: float = 1e-3, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)
-        self.bias_update_rate = float(bias_update_rate)
+        self.bias_update_rate = _check_coef("bias_update_rate", bias_update_rate)
         self.gate = self.make_gate(num_experts)
-        self.register_buffer("selection_bias", torch.zeros(num_experts))
-        self.register_buffer("load_counts", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))  # [E]
+        self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)  # [E] exact
 
     def scores(self, x):
         return F.linear(x, self.gate.weight.float())
@@ -364,14 +371,15 @@ class AuxFreeRouter(Router):
         idx, w, probs = sigmoid_topk(logits, self.current_k(), self.selection_bias.float())
         if self.training:
             with torch.no_grad():
-                self.load_counts += torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(self.load_counts.dtype)
+                self.load_counts += torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         return idx, w, probs
 
     @torch.no_grad()
     def on_step_end(self) -> None:
-        load = self.load_counts
+        load = self.load_counts  # [E] int64
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)  # every rank applies the same update
         if load.sum() > 0:
-            self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+            below_mean = torch.sign(load.double().mean() - load.double())  # [E] +1 under-loaded, -1 over
+            self.selection_bias += self.bias_update_rate * below_mean.to(self.selection_bias.dtype)
         load.zero_()

@@ -70,6 +70,14 @@ def read_dense_mlp(mlp: nn.Module) -> DenseMLPWeights:
     )
 
 
+def expert_noise_seed(seed: int) -> int:
+    """The seed of the upcycling noise of the layer whose router has ``seed``.
+
+    A 64-bit mix, so it never equals another layer's router seed (consecutive small ints).
+    """
+    return (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**63
+
+
 def build_moe(
     dense_mlp: nn.Module,
     router: str = "smoe",
@@ -85,7 +93,8 @@ def build_moe(
     """Upcycle ``dense_mlp`` into an :class:`MoELayer` whose experts are exact copies of it.
 
     ``noise`` adds N(0, noise * std(W)) to each copy (0: exact copies). ``seed`` seeds
-    the router's initialisation (pass a different one per layer); other keyword
+    the router's initialisation and, through :func:`expert_noise_seed`, the noise (pass a
+    different one per layer; None: torch's global RNG); other keyword
     arguments go to the router (``balance_coef``, ``z_coef``, ``k_min``, ...).
     """
     dense = read_dense_mlp(dense_mlp)
@@ -97,7 +106,7 @@ def build_moe(
         gated=dense.gated, activation=dense.activation, bias=dense.b_in is not None or dense.b_out is not None,
         impl=impl,
     ).to(device=ref.device, dtype=ref.dtype)
-    gen = torch.Generator().manual_seed(0 if seed is None else seed + 1)
+    gen = None if seed is None else torch.Generator().manual_seed(expert_noise_seed(seed))  # None: torch's global RNG
     with torch.no_grad():
         for stacked, single in ((experts.w_in, dense.w_in), (experts.w_out, dense.w_out), (experts.b_in, dense.b_in), (experts.b_out, dense.b_out)):
             if stacked is None:
