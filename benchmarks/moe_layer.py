@@ -269,6 +269,18 @@ def paired_columns(impl: str, results: dict, samples: dict) -> dict:
     return columns
 
 
+def json_ready(value):
+    """``value`` with every NaN float (a ratio without its dense row, the CPU-only traffic column on
+    CUDA) replaced by None: standard JSON has no NaN, and strict parsers refuse it."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_ready(item) for item in value]
+    return value
+
+
 def target_summary(rows: list[dict], dense_limit: float = 1.2, at_tokens: int = 4096) -> list[str]:
     """The issue's two targets over the ``ours`` rows, by paired median and by confidence interval:
     fwd+bwd <= ``dense_limit`` x dense at ``at_tokens`` tokens, and <= the fastest transformers one."""
@@ -371,13 +383,13 @@ def main(argv=None) -> int:
                         print(f"{'':>14} T={tokens:<5} E={e:<3} k={k}  {'experts only':<12} {'':>16} fwd+bwd "
                               f"{floor:8.1f} ms   x{floor / dense_fb:.2f} dense (the GEMM floor)", flush=True)
     if args.json:
-        json.dump(rows, sys.stdout, indent=1)
+        json.dump(json_ready(rows), sys.stdout, indent=1, allow_nan=False)
         print()
     for line in target_summary(rows):  # stderr under --json, so stdout stays one JSON document
         print(line, file=sys.stderr if args.json else sys.stdout)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(json_ready(rows), f, indent=1, allow_nan=False)
     return 0
 
 

@@ -139,3 +139,43 @@ def test_benchmark_refuses_zero_repeats_by_name(capsys):
         _benchmark_module().main(["--repeats", "0"])
     assert exit_info.value.code == 2
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_has_null_not_nan_for_ratios_without_their_dense_row(tmp_path):
+    bench = _benchmark_module()
+    assert bench.json_ready({"a": float("nan"), "b": [1.5, float("nan")], "c": "x"}) == {"a": None, "b": [1.5, None], "c": "x"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "moe_layer.py"), "--json", "--repeats", "1", "--tokens", "32",
+           "--experts", "4", "--k", "1", "--impls", "ours,hf_grouped"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = _strict_json(proc.stdout)
+    assert {r["impl"] for r in rows} == {"ours", "hf_grouped"}
+    assert all(r["ratio_vs_dense"] is None and r["floor_ratio"] is None for r in rows)
+
+
+def test_the_two_transformers_rows_take_their_own_experts_path(monkeypatch):
+    """hf_grouped goes through transformers' grouped_mm experts function; hf_eager never does."""
+    import torch
+    from transformers.integrations import moe as hf_moe
+
+    bench = _benchmark_module()
+    calls = []
+    grouped = hf_moe.ExpertsInterface._global_mapping["grouped_mm"]
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return grouped(*args, **kwargs)
+
+    monkeypatch.setitem(hf_moe.ExpertsInterface._global_mapping, "grouped_mm", counting)
+    x = torch.randn(1, 8, bench.D)
+    bench.build("hf_eager", 4, 2, torch.device("cpu"), torch.float32)(x)
+    assert calls == []
+    bench.build("hf_grouped", 4, 2, torch.device("cpu"), torch.float32)(x)
+    assert calls == [1]
