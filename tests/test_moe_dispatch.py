@@ -137,6 +137,46 @@ def test_capacity_factor_drops_and_counts():
     torch.testing.assert_close(y[1:], torch.zeros_like(y[1:]))
 
 
+@pytest.mark.parametrize("router", ["shared", "shared_sigmoid"])
+def test_capacity_never_drops_the_always_on_shared_expert(router):
+    """The capacity caps the routed experts at capacity_factor x their even share of the routed
+    slots; the shared expert (every token, last slot) is neither capped nor counted."""
+    layer = distinct_layer(router, e=4, k=3, capacity_factor=1.0)
+    x = torch.randn(60, 16)
+    y = layer(x)
+    ids = layer.last_routing.experts  # [T, k]; slot k-1 is the shared expert 3
+    assert (ids[:, -1] == 3).all()
+    routed = ids[:, :-1]
+    capacity = 40  # ceil(1.0 * 60 tokens * 2 routed slots / 3 routed experts)
+    kept = capacity_mask(routed, 4, capacity)
+    assert layer.last_routing.dropped == int((kept < 0).sum()) > 0  # the routed experts do overflow here
+    weights = layer.last_routing.weights * torch.cat([kept >= 0, torch.ones_like(kept[:, :1], dtype=torch.bool)], -1)
+    expected = sum(
+        weights[:, slot : slot + 1] * torch.stack([layer.experts.expert_forward(int(e), x[t : t + 1])[0]
+                                                  for t, e in enumerate(ids[:, slot])])
+        for slot in range(3)
+    )  # a plain per-token loop over the kept slots
+    if layer.router.extra_output(x, layer.router(x)) is not None:
+        expected = expected + layer.router.extra_output(x, layer.router(x))
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_an_input_without_tokens_gives_an_empty_output_in_the_graph():
+    """Like the dense MLP: [..., 0 tokens, d] -> [..., 0, out], and backward gives zero gradients."""
+    layer = distinct_layer("smoe")
+    dense = gated_mlp()
+    for shape in ((0, 16), (2, 0, 16)):
+        x = torch.randn(*shape, requires_grad=True)
+        y = layer(x)
+        assert y.shape == dense(x).shape == (*shape[:-1], 16)
+        layer.zero_grad(set_to_none=True)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        grads = [p.grad for p in layer.parameters() if p.requires_grad]
+        assert grads and all(g is not None and not g.any() for g in grads)  # zero, not missing (as for the dense MLP)
+        assert layer.last_routing.experts.shape == (*shape[:-1], 2) and layer.last_routing.aux_loss.item() == 0
+
+
 def test_capacity_mask_prefers_first_choices():
     ids = torch.tensor([[0, 1], [0, 1], [1, 0]])
     # capacity 2: expert 0 gets rank-0 slots of tokens 0, 1 then token 2's second choice is dropped
@@ -251,6 +291,10 @@ def test_auto_picks_grouped_mm_for_small_aligned_cpu_batches_and_the_fused_loop_
     assert experts.auto_impl(x) == "loop"  # intermediate above the threshold
     odd = Experts(4, 8, 6, 8, gated=True, activation=nn.SiLU())  # hidden 6 floats: not 16-byte rows
     assert odd.auto_impl(x) == "loop"
+    monkeypatch.setattr(experts_module, "grouped_mm_supported", lambda x, weight: True)  # as on CUDA bf16
+    assert experts.auto_impl(x) == "grouped_mm"
+    assert odd.auto_impl(x) == "loop"  # the first projection is aligned, the second is not
+    assert Experts(4, 8, 12, 6, gated=True, activation=nn.SiLU()).auto_impl(x) == "loop"  # output width 6
     monkeypatch.undo()
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert experts.auto_impl(x, torch.tensor([3, 0, 4, 3])) == "grouped_mm"  # 3 busy experts: no parallel workers

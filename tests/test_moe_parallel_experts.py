@@ -85,6 +85,9 @@ def test_parallel_experts_equal_the_sequential_loop(gated, two_threads, monkeypa
         grads = torch.autograd.grad((y * probe).sum(), [xin, *experts.parameters()])
         with torch.no_grad():
             y_inference = experts(x, counts)
+        with torch.inference_mode():  # thread-local too: the workers must write inference tensors
+            y_inference_mode = experts(x, counts)
+        torch.testing.assert_close(y_inference_mode, y_inference, rtol=0, atol=0)
         return y, grads, y_inference, set(act.seen)
 
     y1, grads1, inf1, seen1 = run(1)

@@ -75,6 +75,31 @@ def test_read_dense_mlp_layouts():
         build_moe(nn.Conv1d(2, 2, 1))
 
 
+class SplitGatedMLP(nn.Module):
+    """A Llama-style gated MLP whose gate and up projections differ in having a bias."""
+
+    def __init__(self, gate_bias, up_bias):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(D, H, bias=gate_bias), nn.Linear(D, H, bias=up_bias)
+        self.down_proj, self.act_fn = nn.Linear(H, D), nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("gate_bias, up_bias", [(False, True), (True, False)])
+def test_split_gated_mlp_with_one_bias_upcycles_exactly(gate_bias, up_bias):
+    dense = randomise(SplitGatedMLP(gate_bias, up_bias))
+    x = torch.randn(6, D)
+    torch.testing.assert_close(build_moe(dense, num_experts=3)(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_noise_on_a_one_wide_output_stays_finite():
+    dense = randomise(nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, 1)))  # a 1-element output bias
+    noisy = build_moe(dense, num_experts=2, noise=0.01, seed=0)
+    assert torch.isfinite(noisy.experts.b_out).all() and torch.isfinite(noisy(torch.randn(4, D))).all()
+
+
 def test_noise_makes_experts_differ_and_dtype_follows_dense():
     dense = randomise(MLPS["phi3"]())
     exact = build_moe(dense, num_experts=3)

@@ -106,16 +106,18 @@ def _run_chunks(work, counts: list[int], workers: int) -> None:
     """``work(chunk)`` for the experts split into ``workers`` chunks: in the calling thread if one,
     else in parallel, each worker single-threaded (torch's thread count is 1 meanwhile, then
     restored, so this is for one calling thread at a time). Workers run without grad mode
-    (thread-local; what a custom Function's forward and backward see); an error in any of them is
-    raised here once all have stopped."""
+    (thread-local; what a custom Function's forward and backward see) and in the caller's inference
+    mode; an error in any of them is raised here once all have stopped."""
     chunks = _chunks(counts, workers)
     if len(chunks) < 2:
         for chunk in chunks:
             work(chunk)
         return
 
+    inference = torch.is_inference_mode_enabled()  # thread-local, like grad mode: carried over
+
     def run(chunk):
-        with torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad():
             work(chunk)
 
     threads = torch.get_num_threads()
@@ -411,16 +413,16 @@ class Experts(nn.Module):
         (:func:`expert_workers`), else grouped_mm for fp32 while the [S, h or 2h] intermediate is small
         (<= _CPU_GROUPED_MM_MAX_ELEMENTS), where one C++ op per projection beats a Python loop over
         experts; else the fused loop, whose cache locality wins once the intermediate no longer fits."""
-        if grouped_mm_supported(x, self.w_in):
+        widths = (self.in_features, self.w_in.shape[-1], self.hidden_features, self.out_features)
+        aligned = all(n * x.element_size() % 16 == 0 for n in widths) and all(
+            t.data_ptr() % 16 == 0 for t in (x, self.w_in, self.w_out)
+        )  # both projections' operands, as torch._grouped_mm needs
+        if grouped_mm_supported(x, self.w_in) and aligned:
             return "grouped_mm"
         if counts is not None and x.device.type == "cpu" and expert_workers(x, counts.tolist()) > 1:
             return "loop"  # (the CPU check first: reading counts on a GPU would wait for it)
         small = 0 < x.shape[0] * self.w_in.shape[-1] <= _CPU_GROUPED_MM_MAX_ELEMENTS
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and hasattr(torch, "_grouped_mm")
-        widths = (self.in_features, self.w_in.shape[-1], self.hidden_features, self.out_features)
-        aligned = all(n * x.element_size() % 16 == 0 for n in widths) and all(
-            t.data_ptr() % 16 == 0 for t in (x, self.w_in, self.w_out)
-        )
         return "grouped_mm" if small and cpu_fp32 and aligned else "loop"
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -163,8 +163,8 @@ class MoELayer(nn.Module):
         kept = self._kept_rows(lead, tokens.device)  # [T'] rows of real tokens, None = all
         if kept is None:
             y, routing = self._route_and_run(tokens)
-        elif kept.numel() == 0:  # every token is padding: nothing to route, no aux loss
-            y = tokens.new_zeros(tokens.shape[0], self.experts.out_features)
+        elif kept.numel() == 0:  # no tokens, or every token is padding: nothing to route, no aux loss
+            y = self._zeros_in_graph(tokens)
             routing = self._empty_routing(tokens.shape[0], tokens.device)
         else:  # padding: route and run the real tokens only; padded rows output 0
             y_kept, routing = self._route_and_run(tokens.index_select(0, kept))  # [T', out]
@@ -174,7 +174,10 @@ class MoELayer(nn.Module):
         return y.view(*lead, y.shape[-1]).to(x.dtype)
 
     def _kept_rows(self, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
-        """Indices of the tokens ``token_mask`` keeps, or None when it keeps every token."""
+        """Indices of the tokens ``token_mask`` keeps, or None when it keeps every token (an
+        input without tokens keeps none)."""
+        if math.prod(lead) == 0:
+            return torch.zeros(0, dtype=torch.long, device=device)
         mask = self.token_mask
         if mask is None:
             return None
@@ -185,6 +188,16 @@ class MoELayer(nn.Module):
             )
         flat = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [T]
         return None if bool(flat.all()) else flat.nonzero().squeeze(1)
+
+    def _zeros_in_graph(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Zeros [T, out] for tokens that are all padding (or none), in the autograd graph of the
+        input and of every parameter with zero gradients, as a dense MLP's output would be (a
+        backward through it works, and no parameter is left without a gradient)."""
+        anchor = tokens[:0].sum()  # 0 from an empty slice: no NaN from the values it skips
+        for param in self.parameters():
+            if param.requires_grad:
+                anchor = anchor + param.reshape(-1)[:0].sum()
+        return tokens.new_zeros(tokens.shape[0], self.experts.out_features) + anchor.to(tokens.dtype)
 
     def _empty_routing(self, total: int, device: torch.device) -> Routing:
         """The routing of ``total`` tokens that are all padding."""
@@ -199,8 +212,7 @@ class MoELayer(nn.Module):
         ffn_ids = self.router.ffn_ids(route.experts)  # [T, k]
         dropped = 0
         if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * ffn_ids.numel() / self.num_experts)
-            kept = capacity_mask(ffn_ids, self.num_experts, capacity)
+            kept = self._within_capacity(ffn_ids)
             dropped = int(((kept < 0) & (ffn_ids >= 0)).sum())
             ffn_ids = kept
         y = dispatch(tokens, ffn_ids, route.weights, self.experts)
@@ -210,6 +222,20 @@ class MoELayer(nn.Module):
         routing = Routing(experts=route.experts, weights=route.weights, probs=route.probs,
                           aux_loss=route.aux_loss, aux_terms=route.aux_terms, dropped=dropped)
         return y, routing
+
+    def _within_capacity(self, ffn_ids: torch.Tensor) -> torch.Tensor:
+        """ffn_ids [T, k] with the slots past capacity set to -1. The capacity is
+        ``capacity_factor`` x the even share of the routed slots; always-on experts (a shared
+        expert, once per token) are neither capped nor counted in it."""
+        always_on = self.router.always_on_experts
+        if not always_on:
+            capacity = math.ceil(self.capacity_factor * ffn_ids.numel() / self.num_experts)
+            return capacity_mask(ffn_ids, self.num_experts, capacity)
+        exempt = torch.isin(ffn_ids, torch.tensor(always_on, device=ffn_ids.device))  # [T, k]
+        routed_slots = ffn_ids.numel() - ffn_ids.shape[0] * len(always_on)
+        capacity = math.ceil(self.capacity_factor * routed_slots / max(self.num_experts - len(always_on), 1))
+        kept = capacity_mask(torch.where(exempt, -1, ffn_ids), self.num_experts, capacity)
+        return torch.where(exempt, ffn_ids, kept)
 
     def extra_repr(self) -> str:
         return f"capacity_factor={self.capacity_factor}"

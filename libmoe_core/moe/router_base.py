@@ -160,6 +160,11 @@ class Router(nn.Module):
         return self.num_experts
 
     @property
+    def always_on_experts(self) -> tuple[int, ...]:
+        """Feed-forward experts every token uses (a shared expert): exempt from the capacity."""
+        return ()
+
+    @property
     def preserves_dense_output(self) -> bool:
         """True when the feed-forward combine weights of every token sum to 1.
 

@@ -200,6 +200,10 @@ class SharedExpertRouter(Router):
     routed_bias = False
 
     @property
+    def always_on_experts(self) -> tuple[int, ...]:
+        return (self.num_experts - 1,)
+
+    @property
     def num_choices(self) -> int:
         return self.num_experts  # E-1 routed + the shared one
 

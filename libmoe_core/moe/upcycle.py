@@ -40,6 +40,14 @@ def _bias(linear: nn.Linear):
     return None if linear.bias is None else linear.bias.detach()
 
 
+def _concat_biases(gate: nn.Linear, up: nn.Linear) -> torch.Tensor | None:
+    """[gate bias; up bias] of split gate/up projections, zeros for the one without (None: neither)."""
+    if gate.bias is None and up.bias is None:
+        return None
+    parts = [lin.weight.new_zeros(lin.out_features) if lin.bias is None else lin.bias.detach() for lin in (gate, up)]
+    return torch.cat(parts)
+
+
 def read_dense_mlp(mlp: nn.Module) -> DenseMLPWeights:
     """Recognise the MLP families found in VLMs and read their weights.
 
@@ -53,8 +61,7 @@ def read_dense_mlp(mlp: nn.Module) -> DenseMLPWeights:
                                _bias(mlp.gate_up_proj), _bias(mlp.down_proj), True, act)
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):  # Llama family
         w_in = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()], 0).t()
-        biases = [_bias(mlp.gate_proj), _bias(mlp.up_proj)]
-        b_in = None if biases[0] is None else torch.cat(biases)
+        b_in = _concat_biases(mlp.gate_proj, mlp.up_proj)
         act = getattr(mlp, "act_fn", None) or mlp.activation_fn
         return DenseMLPWeights(w_in, mlp.down_proj.weight.detach().t(), b_in, _bias(mlp.down_proj), True, act)
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):  # SigLIP / CLIP
@@ -116,7 +123,7 @@ def build_moe(
                 continue
             stacked.copy_(single.unsqueeze(0).expand_as(stacked))
             if noise > 0:
-                scale = noise * single.float().std().item()
+                scale = noise * single.float().std(correction=0).item()  # (a 1-element bias: 0, not NaN)
                 stacked.add_(torch.randn(stacked.shape, generator=gen).to(stacked) * scale)
     gate.to(device=ref.device)
     return MoELayer(gate, experts, capacity_factor=capacity_factor)
