@@ -55,6 +55,7 @@ def training_arguments(cfg, world_size: int):
         data_seed=cfg.seed,
         bf16=training_dtype(cfg) == torch.bfloat16,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant: aux losses lose their gradient
         dataloader_num_workers=cfg.dataloader_num_workers,
         remove_unused_columns=False,
         report_to=["tensorboard"],

@@ -157,3 +157,27 @@ def test_gradient_checkpointing_recomputes_with_the_same_mask():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_auxfree_counts_each_token_once_under_gradient_checkpointing():
+    """The checkpoint's recompute in backward routes the same tokens again; the load counts them once."""
+    ids, mask, _ = text_batch([5, 9], 9, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    counts = []
+    for checkpointing in (False, True):
+        model = build_model("tiny", moe_llm_layers="all", router="auxfree", top_k=2).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        counts.append([layer.router.load_counts.sum().item() for _, _, layer in placed_moe_layers(model)])
+    assert counts[0] == counts[1] == [14 * 2] * len(counts[0])  # 5 + 9 real tokens, k = 2
+
+
+def test_reentrant_checkpointing_is_an_error_not_a_silent_loss_of_the_aux_gradient():
+    ids, mask, _ = text_batch([5, 9], 9, "right")
+    model = build_model("tiny", moe_llm_layers="all").train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(input_ids=ids, attention_mask=mask, labels=ids)
+    with torch.no_grad():  # no gradient wanted: fine
+        assert model(input_ids=ids, attention_mask=mask, labels=ids).aux_loss is not None

@@ -94,6 +94,15 @@ def test_split_gated_mlp_with_one_bias_upcycles_exactly(gate_bias, up_bias):
     torch.testing.assert_close(build_moe(dense, num_experts=3)(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
+def test_weights_partitioned_by_zero3_are_a_clear_error():
+    dense = nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D))
+    for lin in (dense[0], dense[2]):  # what deepspeed.zero.Init leaves: empty tensors with ds_shape
+        lin.weight = nn.Parameter(torch.empty(0))
+        lin.weight.ds_shape = (lin.out_features, lin.in_features)
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3"):
+        build_moe(dense, num_experts=2)
+
+
 def test_noise_on_a_one_wide_output_stays_finite():
     dense = randomise(nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, 1)))  # a 1-element output bias
     noisy = build_moe(dense, num_experts=2, noise=0.01, seed=0)

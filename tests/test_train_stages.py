@@ -140,6 +140,27 @@ def test_sft_keeps_the_routers_own_coefficients_unless_set(tmp_path):
         assert layers and all(layer.router.coefs == expected for layer in layers), overrides
 
 
+def test_evaluation_batches_stay_out_of_the_training_metrics(tmp_path):
+    """HF's evaluate() calls compute_loss too (model in eval mode): not a training micro-step."""
+    import torch
+    from transformers import TrainingArguments
+
+    from libmoe_core.model.presets import build_model
+    from libmoe_core.train.trainer import MoETrainer
+
+    model = build_model("tiny", moe_llm_layers=[1])
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True)
+    trainer = MoETrainer(model=model, args=args)
+    ids = torch.randint(20, 400, (2, 8))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    trainer.compute_loss(model.train(), inputs)
+    sums = dict(trainer._sums)
+    assert trainer._micro_steps == 1 and trainer._tokens == 16 and "llm/balance" in " ".join(sums)
+    loss = trainer.compute_loss(model.eval(), inputs)
+    assert torch.isfinite(loss)
+    assert trainer._micro_steps == 1 and trainer._tokens == 16 and dict(trainer._sums) == sums
+
+
 def test_loss_falls_on_a_fixed_batch(tmp_path):
     """In-process (no DeepSpeed): the MoE trainer drives the sft model's loss down on one batch."""
     from transformers import TrainingArguments

@@ -176,6 +176,13 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         )
         logits = out.logits  # [B, L', V]
         aux_loss, aux_losses, aux_terms = self.aux_losses(moe)
+        aux_lost_its_gradient = self.training and torch.is_grad_enabled() and aux_loss is not None and not aux_loss.requires_grad
+        if aux_lost_its_gradient and any(p.requires_grad for _, _, layer in moe for p in layer.router.parameters()):
+            raise RuntimeError(
+                "the MoE aux losses carry no gradient although the routers train: the layers ran without "
+                "grad, as reentrant gradient checkpointing does; use gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}"
+            )
         lm_loss = loss = None
         if labels is not None:
             lm_loss = causal_lm_loss(logits, labels)

@@ -347,6 +347,11 @@ class MoEPlusPlusRouter(Router):
         return y
 
 
+def _in_backward() -> bool:
+    """True inside a backward pass, where gradient checkpointing re-runs forwards."""
+    return torch._C._current_graph_task_id() != -1
+
+
 @register_router("auxfree")
 class AuxFreeRouter(Router):
     """DeepSeek-V3 auxiliary-loss-free balancing.
@@ -373,7 +378,7 @@ class AuxFreeRouter(Router):
 
     def select(self, logits):
         idx, w, probs = sigmoid_topk(logits, self.current_k(), self.selection_bias.float())
-        if self.training:
+        if self.training and not _in_backward():  # a checkpoint's recompute routes the same tokens again
             with torch.no_grad():
                 self.load_counts += torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         return idx, w, probs

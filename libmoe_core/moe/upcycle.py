@@ -104,6 +104,12 @@ def build_moe(
     different one per layer; None: torch's global RNG); other keyword
     arguments go to the router (``balance_coef``, ``z_coef``, ``k_min``, ...).
     """
+    if any(hasattr(p, "ds_shape") and p.numel() == 0 for p in dense_mlp.parameters()):
+        raise ValueError(
+            f"cannot upcycle {type(dense_mlp).__name__}: its weights are partitioned by DeepSpeed ZeRO-3 "
+            "(zero.Init, active once TrainingArguments with a ZeRO-3 config exist); build or load the model "
+            "before creating them, as runners/train.py does"
+        )
     dense = read_dense_mlp(dense_mlp)
     router_cls = get_router_class(router)
     gate = router_cls(dense.in_features, num_experts, top_k, seed=seed, **router_options)

@@ -59,6 +59,8 @@ class MoETrainer(Trainer):
         if self._window_start is None:  # the first window opens at the first micro-step
             self._window_start = time.perf_counter()
         outputs = model(**inputs)
+        if not model.training:  # evaluate() calls this too: its batches are not training metrics
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
         with torch.no_grad():
             if getattr(outputs, "lm_loss", None) is not None:
                 self._sums["lm_loss"] += float(outputs.lm_loss)
