@@ -135,6 +135,11 @@ def test_capacity_factor_drops_and_counts():
     kept = layer.experts.expert_forward(1, x[:1])
     torch.testing.assert_close(y[:1], kept, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y[1:], torch.zeros_like(y[1:]))
+    layer.capacity_factor = 1.3  # a fractional capacity rounds up: ceil(1.3 * 8 / 4) = 3
+    y = layer(x)
+    assert layer.last_routing.dropped == 8 - 3
+    torch.testing.assert_close(y[:3], layer.experts.expert_forward(1, x[:3]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y[3:], torch.zeros_like(y[3:]))
 
 
 @pytest.mark.parametrize("router", ["shared", "shared_sigmoid"])

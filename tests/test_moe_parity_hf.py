@@ -87,3 +87,7 @@ def test_shared_router_matches_qwen2_moe_block(norm_topk_prob):
     torch.testing.assert_close(router.gate.weight.grad, block.gate.weight.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(router.shared_gate.weight.grad, block.shared_expert_gate.weight.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(experts.w_out.grad[routed], shared.down_proj.weight.grad.t(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(experts.w_in.grad[routed], torch.cat([shared.gate_proj.weight.grad, shared.up_proj.weight.grad], 0).t(),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(experts.w_in.grad[:routed], block.experts.gate_up_proj.grad.transpose(1, 2), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(experts.w_out.grad[:routed], block.experts.down_proj.grad.transpose(1, 2), atol=1e-5, rtol=1e-4)
