@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     template = stage_template(cfg, processor)
     annotations, image_folder = dataset_files(cfg)
     dataset = LLaVADataset.from_files(
-        annotations, image_folder, policy=cfg.data_policy, tokenizer=processor.tokenizer, template=template,
+        annotations, image_folder, policy=cfg.data_policy, decode=cfg.decode_images, tokenizer=processor.tokenizer,
+        template=template,
         max_length=cfg.max_length, num_image_tokens=processor.num_image_tokens, logger=log,
     )
     if cfg.max_samples is not None:

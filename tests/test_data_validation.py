@@ -142,3 +142,103 @@ def test_cli_check_exit_codes(folder, capsys):
     out = capsys.readouterr().out
     for rid in BAD:
         assert repr(rid) in out
+
+
+# ---------------------------------------------------------------- file encodings, roles, images
+
+
+def test_role_content_turns_and_role_case_count_their_image_placeholders(folder):
+    records = [
+        {"id": "role-content", "image": "good.png",
+         "conversations": [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}]},
+        {"id": "capital-human", "image": "good.png",
+         "conversations": [{"from": "Human", "value": "<image>\nq"}, {"from": "GPT", "value": "a"}]},
+        {"id": "stray", "conversations": [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}]},
+    ]
+    _, report = check_file(write_json(folder / "roles.json", records), folder / "img")
+    assert [(p.record_id, p.field) for p in report.problems] == [("stray", "image")]
+    assert "1 <image> placeholders but 0 images" in str(report.problems[0])
+
+
+def test_jsonl_lines_end_at_newline_only_and_round_trip(tmp_path):
+    from libmoe_core.data.records import write_records
+
+    records = [{"id": f"r{i}", "conversations": conv("q", f"line one\u2028line two {i}\u0085end")} for i in range(4)]
+    loaded = read_records(write_records(records, tmp_path / "sep.jsonl"))
+    assert not loaded.problems and [r.data for r in loaded.records] == records
+
+
+def test_non_utf8_line_is_a_problem_naming_the_line_and_the_rest_is_read(tmp_path):
+    good = json.dumps({"id": "a", "conversations": conv("q", "x")}).encode()
+    bad = json.dumps({"id": "b", "conversations": conv("q", "caf?")}).encode().replace(b"?", b"\xe9")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + bad + b"\n" + good.replace(b'"a"', b'"c"') + b"\n")
+    loaded = read_records(path)
+    assert [r.id for r in loaded.records] == ["a", "c"]
+    assert [str(p) for p in loaded.problems] == [f"{path}:2: not UTF-8: byte 0xe9 (save the file as UTF-8)"]
+    whole = tmp_path / "latin1.json"
+    whole.write_bytes(b"[\n" + good + b",\n" + bad + b"\n]")
+    assert [str(p) for p in read_records(whole).problems] == [f"{whole}:3: not UTF-8: byte 0xe9 (save the file as UTF-8)"]
+
+
+def test_json_files_with_a_bom_or_not_a_list(tmp_path):
+    records = [{"id": f"r{i}", "conversations": conv("q", "a")} for i in range(4)]
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=2).encode())
+    loaded = read_records(bom)
+    assert not loaded.problems and len(loaded.records) == 4
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"data": records}, indent=2))
+    assert [p.message for p in read_records(wrapped).problems] == ["expected a JSON list of records, got dict"]
+    lines = tmp_path / "lines.json"  # JSONL under a .json name: one clear problem, not one per line
+    lines.write_text("\n".join(json.dumps(r) for r in records))
+    problems = read_records(lines).problems
+    assert len(problems) == 1 and "name the file .jsonl" in problems[0].message
+
+
+def test_a_bad_image_field_names_the_record_wherever_it_is_read(tmp_path):
+    from libmoe_core.data.records import Record
+
+    rec = Record({"id": "n", "image": 5, "conversations": conv()}, "f.json", 0)
+    with pytest.raises(ValueError, match=r"f.json record 'n' \(#0\) \[image\]: 'image' must be a string"):
+        _ = rec.images
+
+
+def test_a_missing_annotation_file_stops_even_the_skip_policy(folder):
+    good = write_json(folder / "good.json", GOOD)
+    with pytest.raises(FileNotFoundError, match="annotation file.* not found: .*nope.json"):
+        LLaVADataset.from_files([good, folder / "nope.json"], folder / "img", policy="skip")
+
+
+def test_absolute_image_paths_are_checked_without_an_image_folder(folder):
+    records = [{"id": "abs-missing", "image": str(folder / "img" / "gone.png"), "conversations": conv()},
+               {"id": "abs-ok", "image": str(folder / "img" / "good.png"), "conversations": conv()}]
+    _, report = check_file(write_json(folder / "abs.json", records))
+    assert [p.record_id for p in report.problems] == ["abs-missing"]
+
+
+def test_truncated_jpeg_passes_the_header_check_and_fails_the_decode_check(folder):
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "img" / "full.jpg", quality=90)
+    data = (folder / "img" / "full.jpg").read_bytes()
+    (folder / "img" / "cut.jpg").write_bytes(data[:-300])  # a download cut short
+    path = write_json(folder / "cut.json", [{"id": "cut", "image": "cut.jpg", "conversations": conv()}])
+    assert check_file(path, folder / "img")[1].ok  # the header is intact
+    _, report = check_file(path, folder / "img", decode=True)
+    assert [p.record_id for p in report.problems] == ["cut"] and "truncated" in report.problems[0].message
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    import numpy as np
+
+    from libmoe_core.data.dataset import to_rgb
+
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(1, 256)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode.startswith("I;16")
+        rgb = np.asarray(to_rgb(im))
+    assert rgb.shape == (1, 256, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.abs(rgb[0, :, 0].astype(int) - np.arange(256)).max() <= 1  # PIL's own convert gives 255 from 1 on

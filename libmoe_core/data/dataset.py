@@ -32,6 +32,9 @@ class LLaVADataset(Dataset):
                    image_length: int | None = None, logger: logging.Logger | None = None) -> LLaVADataset:
         """Read, validate (see :func:`~libmoe_core.data.validate.check_records`) and apply ``policy``."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        missing = [str(p) for p in paths if not Path(p).is_file()]
+        if missing:  # a wrong path is a configuration error under every policy, not a bad record
+            raise FileNotFoundError(f"annotation file(s) not found: {', '.join(missing)}")
         loaded = LoadResult()
         for p in paths:
             one = read_records(p)
@@ -60,7 +63,7 @@ class LLaVADataset(Dataset):
             path = image_path(self.image_folder, rel)
             try:
                 with Image.open(path) as im:
-                    images.append(im.convert("RGB"))
+                    images.append(to_rgb(im))
             except Exception as e:
                 raise OSError(f"{rec.file}: record {rec.id!r}: cannot read image {path}: {e}") from e
         return {"id": rec.id, "conversations": rec.conversations, "images": images, "record": rec.data}
@@ -74,6 +77,14 @@ class LLaVADataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """``lengths`` signed by modality: positive with images, negative for text-only samples."""
         return [n if r.images else -n for n, r in zip(self.lengths, self.records)]
+
+
+def to_rgb(image):
+    """An RGB copy of a PIL image. 16-bit grayscale is scaled to 8 bits first (PIL's convert
+    clips it: a 0..65535 ramp would turn almost all white); transparency is dropped as in LLaVA."""
+    if image.mode.startswith("I;16"):
+        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
+    return image.convert("RGB")
 
 
 def _words(rec: Record) -> int:

@@ -149,7 +149,12 @@ def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int |
             rep.checks.append(f"{ann['file']}: {n} records" + ("" if expected is not None else " (no expected count)"))
         refs: dict[str, object] = {}
         for rec in loaded.records:
-            for rel in rec.images:
+            try:
+                images = rec.images
+            except ValueError as e:  # a malformed 'image' field: a problem of this record, not a crash
+                rep.problems.append(str(e))
+                continue
+            for rel in images:
                 refs.setdefault(rel, rec)
         opened = 0
         for rel, rec in refs.items():

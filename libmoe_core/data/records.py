@@ -7,11 +7,13 @@ problem can be reported as ``file:line record 'id'``.
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..tokens import IMAGE_PLACEHOLDER
+from .templates import normalize_turns
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,15 @@ class Record:
 
     @property
     def images(self) -> list[str]:
-        """Relative image paths (``image`` may be a string, a list or absent)."""
+        """Relative image paths (``image`` may be a string, a list of strings or absent)."""
         img = self.data.get("image")
         if img is None:
             return []
-        return [img] if isinstance(img, str) else list(img)
+        if isinstance(img, str):
+            return [img]
+        if isinstance(img, list) and all(isinstance(x, str) for x in img):
+            return list(img)
+        raise ValueError(str(self.problem(f"'image' must be a string or a list of strings, got {img!r}", "image")))
 
     @property
     def conversations(self) -> list[dict]:
@@ -70,30 +76,40 @@ class LoadResult:
 
 
 def read_records(path: str | Path) -> LoadResult:
-    """Parse a ``.json`` (list) or ``.jsonl`` file; malformed lines become problems, not exceptions."""
+    """Parse a ``.json`` (list) or ``.jsonl`` file; malformed lines become problems, not exceptions.
+
+    A UTF-8 byte-order mark is ignored. A file of another suffix is a JSON list when it starts
+    with ``[``, else JSONL. Lines end at ``\n`` only (JSON allows U+2028 inside strings)."""
     path = Path(path)
     result = LoadResult()
     name = str(path)
     if not path.is_file():
         result.problems.append(Problem(name, "file not found"))
         return result
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".jsonl" or (stripped and not stripped.startswith("[")):
-        for lineno, line in enumerate(text.splitlines(), start=1):
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    as_list = path.suffix == ".json" or (path.suffix != ".jsonl" and raw.lstrip().startswith(b"["))
+    if not as_list:
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
             if not line.strip():
                 continue
+            text = _utf8(line, name, result, lineno)
+            if text is None:
+                continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(text)
             except json.JSONDecodeError as e:
                 result.problems.append(Problem(name, f"malformed JSON: {e.msg} (column {e.colno})", line=lineno))
                 continue
             _add(result, obj, name, lineno - 1, lineno)
         return result
+    text = _utf8(raw, name, result, None)
+    if text is None:
+        return result
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
-        result.problems.append(Problem(name, f"malformed JSON: {e.msg} (column {e.colno})", line=e.lineno))
+        hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
+        result.problems.append(Problem(name, f"malformed JSON: {e.msg} (column {e.colno}){hint}", line=e.lineno))
         return result
     if not isinstance(items, list):
         result.problems.append(Problem(name, f"expected a JSON list of records, got {type(items).__name__}"))
@@ -101,6 +117,16 @@ def read_records(path: str | Path) -> LoadResult:
     for i, obj in enumerate(items):
         _add(result, obj, name, i, None)
     return result
+
+
+def _utf8(data: bytes, name: str, result: LoadResult, line: int | None) -> str | None:
+    """``data`` decoded, or None with a problem naming the line and the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = line if line is not None else data.count(b"\n", 0, e.start) + 1
+        result.problems.append(Problem(name, f"not UTF-8: byte 0x{data[e.start]:02x} (save the file as UTF-8)", line=at))
+        return None
 
 
 def _add(result: LoadResult, obj, name: str, index: int, line: int | None) -> None:
@@ -112,9 +138,14 @@ def _add(result: LoadResult, obj, name: str, index: int, line: int | None) -> No
 
 
 def count_placeholders(record: Record) -> int:
-    """Number of ``<image>`` placeholders in the human turns."""
-    return sum(str(t.get("value", "")).count(IMAGE_PLACEHOLDER) for t in record.conversations
-               if isinstance(t, dict) and t.get("from", t.get("role")) in ("human", "user"))
+    """Number of ``<image>`` placeholders in the user turns, read as the templates read them
+    (``{from, value}`` or ``{role, content}``, roles in any case); 0 for conversations the
+    templates cannot read (the structure check reports those)."""
+    try:
+        turns = normalize_turns(record.conversations)
+    except ValueError:
+        return 0
+    return sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")
 
 
 def write_records(records: list[dict], path: str | Path) -> Path:

@@ -109,9 +109,11 @@ def check_structure(rec: Record) -> list[Problem]:
 
 
 def check_images(rec: Record, image_folder: str | Path | None, decode: bool = False) -> list[Problem]:
-    """Missing or unreadable image files of one record."""
+    """Missing or unreadable image files of one record (relative paths only with an image folder)."""
     out = []
     for i, rel in enumerate(rec.images):
+        if image_folder is None and not Path(rel).is_absolute():
+            continue  # nothing to resolve it against: check_file notes it
         msg = image_problem(image_path(image_folder, rel), decode)
         if msg:
             out.append(rec.problem(msg, "image" if isinstance(rec.data.get("image"), str) else f"image[{i}]"))
@@ -145,7 +147,7 @@ def check_records(
     problems: list[Problem] = []
     for rec in records:
         found = check_structure(rec)
-        if not found and check_image_files and image_folder is not None:
+        if not found and check_image_files:
             found += check_images(rec, image_folder, decode)
         if not found and tokenizer is not None and template and max_length:
             found += check_length(rec, tokenizer, template, max_length, num_image_tokens)
@@ -158,8 +160,8 @@ def check_file(path: str | Path, image_folder: str | Path | None = None, **optio
     loaded = read_records(path)
     report = Report([str(path)], len(loaded.records), list(loaded.problems))
     report.problems += check_records(loaded.records, image_folder, **options)
-    if image_folder is None and any(r.images for r in loaded.records):
-        report.notes.append("no image folder given: image files not checked")
+    if image_folder is None and any(r.data.get("image") for r in loaded.records):
+        report.notes.append("no image folder given: relative image paths not checked")
     if options.get("tokenizer") is None:
         report.notes.append("no tokenizer given: lengths not checked")
     return loaded, report

@@ -51,6 +51,7 @@ class TrainConfig:
     dataset: str = "easyvqa"
     image_folder: str | None = None
     data_policy: str = "error"
+    decode_images: bool = False  # check images by decoding every pixel (catches truncated JPEGs; slower)
     max_samples: int | None = None
     template: str | None = None
     max_length: int = 2048
