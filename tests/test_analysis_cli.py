@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,13 @@ def test_table_alarms_and_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "trace not found" in capsys.readouterr().err
+    cut = tmp_path / "cut.parquet"  # a copy cut short, as a killed writer or a partial download leaves it
+    data = Path(path).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    assert main(["analyze", str(cut)]) == 2
+    assert f"trace file {cut} is unreadable (truncated or corrupt?)" in capsys.readouterr().err
+    assert main(["analyze", str(path), "--batch-rows", "0"]) == 2
+    assert "batch_rows must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["analyze", str(path), "--by", "doc"])
     assert "choose from 'task', 'token_kind'" in capsys.readouterr().err

@@ -132,6 +132,9 @@ def test_hand_made_trace_metrics_and_specialisation(tmp_path):
     stats = accumulate_trace(path)
     spec = specialisation_table(stats).iloc[0]
     assert spec["mi_task"] == pytest.approx(0.5 * math.log(2))
+    only = specialisation_table(stats, placement="llm", layer=0)  # filtering by the table's own keys
+    assert len(only) == 1 and only.iloc[0]["mi_task"] == spec["mi_task"]
+    assert specialisation_table(stats, placement="vision").empty
     top = over_represented(stats, "llm", 0, top=1)
     assert top.set_index("task")["expert"].to_dict() == {"a": 0, "b": 2}
     assert top["lift"].tolist() == pytest.approx([2.0, 2.0])

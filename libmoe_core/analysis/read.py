@@ -51,7 +51,10 @@ def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
     files = trace_files(path)
     columns = list(columns)
     for f in files:
-        names = set(pq.read_schema(f).names)
+        try:
+            names = set(pq.read_schema(f).names)
+        except (pa.ArrowException, OSError) as exc:
+            raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
         missing = [c for c in columns if c not in names]
         if missing:
             expected = ", ".join(f"{fld.name}: {fld.type}" for fld in TRACE_SCHEMA if fld.name in missing)
@@ -62,11 +65,16 @@ def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
 def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
     dictionary = [c for c in _DICT_COLUMNS if c in columns]
     for f in files:
-        pf = pq.ParquetFile(f, read_dictionary=dictionary)
+        try:
+            pf = pq.ParquetFile(f, read_dictionary=dictionary)
+        except (pa.ArrowException, OSError) as exc:
+            raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
                 if batch.num_rows:
                     yield batch
+        except (pa.ArrowException, OSError) as exc:
+            raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
         finally:
             pf.close()
 
@@ -80,6 +88,8 @@ def iter_batches(
     so memory is bounded by a row group plus ``prefetch`` batches decoded ahead by a
     background thread (decoding overlaps the caller's work; 0 disables the thread).
     """
+    if batch_rows < 1:
+        raise TraceError(f"batch_rows must be >= 1, got {batch_rows}")
     files = check_columns(path, columns)
     batches = _file_batches(files, list(columns), batch_rows)
     if prefetch <= 0:

@@ -23,8 +23,12 @@ def specialisation_table(stats: RoutingStats, **filters):
     seen = {}
     for key in stats.keys:
         seen.setdefault(key[:3], None)
+    fixed = {name: filters.pop(name) for name in ("checkpoint", "placement", "layer") if name in filters}
     for checkpoint, placement, layer in seen:
-        idx = stats.select(checkpoint=checkpoint, placement=placement, layer=layer, **filters)
+        here = {"checkpoint": checkpoint, "placement": placement, "layer": layer}
+        if any(here[name] != value for name, value in fixed.items()):
+            continue
+        idx = stats.select(**here, **filters)
         if not len(idx):
             continue
         e = int(stats.num_experts[idx].max())
