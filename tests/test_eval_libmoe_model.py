@@ -114,6 +114,25 @@ def test_traces_match_the_models_own_routing(checkpoint, tmp_path):
     np.testing.assert_allclose(np.stack(rows["probs"].to_numpy()), own.probs[0].numpy(), atol=1e-5)
 
 
+def test_traces_do_not_depend_on_the_batch_when_samples_stop_early(checkpoint, tmp_path):
+    """A sample's end token is fed back only while a longer sample of its batch goes on: it is
+    never traced, so batch size 1 and 6 trace the same rows."""
+    from libmoe_core.evaluation.traces import read_traces
+
+    generated = {}
+    for bs in (1, 6):
+        lm = make(checkpoint, batch_size=bs, return_id_experts=True, trace_dir=str(tmp_path / f"bs{bs}"),
+                  layers_expert_selection="3", placements="llm")
+        lm.model.generation_config.eos_token_id = lm.processor.tokenizer("?", add_special_tokens=False)["input_ids"]
+        lm.generate_until(gen_requests(6))
+        lm.clean()
+        df = read_traces(tmp_path / f"bs{bs}").to_pandas()
+        generated[bs] = df[df["token_kind"] == "generated"].groupby("doc_id")["position"].apply(sorted).to_dict()
+    assert generated[1] == generated[6]
+    lengths = [len(generated[1].get(d, [])) for d in range(len(QUESTIONS))]
+    assert min(lengths) < max(lengths) == 5, lengths  # some samples stopped early: the check is not vacuous
+
+
 def test_loglikelihood_prefers_the_greedy_answer(checkpoint):
     lm = make(checkpoint)
     doc_id = 1

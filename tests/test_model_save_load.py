@@ -105,3 +105,22 @@ def test_processor_uses_the_conversation_template():
     assert ids.count(processor.image_token_id) == processor.num_image_tokens
     assert all(lab == -100 for tok, lab in zip(ids, labels) if tok == processor.image_token_id)
     assert any(lab != -100 for lab in labels)
+
+
+def test_loading_refuses_what_it_would_fill_with_random_weights(tmp_path):
+    import json
+
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        LibMoEVLMForCausalLM.from_pretrained(tmp_path / "nope")
+    model = build_model("tiny", moe_llm_layers=[1])
+    model.save_pretrained(tmp_path / "moe")
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    config["moe"]["llm"]["layers"] = [1, 2]  # the config now wants an MoE layer the weights do not hold
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"do not fit its config \(missing_keys: .*layers\.2\.mlp\.experts"):
+        LibMoEVLMForCausalLM.from_pretrained(tmp_path / "moe")
+    loose = LibMoEVLMForCausalLM.from_pretrained(tmp_path / "moe", strict=False)  # asked for: loads
+    assert loose.config.moe["llm"]["layers"] == [1, 2]
+    model.language_model.save_pretrained(tmp_path / "phi3")  # a plain LLM checkpoint
+    with pytest.raises(ValueError, match="holds a 'phi3' model, not a 'libmoe_vlm' checkpoint"):
+        LibMoEVLMForCausalLM.from_pretrained(tmp_path / "phi3")

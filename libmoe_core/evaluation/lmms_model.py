@@ -11,7 +11,8 @@ all layers), ``placements=vision;llm`` (default: all), ``checkpoint=NAME`` (the 
 ablation (each token loses its first-choice expert, the rest renormalised).
 
 Batched greedy generation with left padding; the answers do not depend on the batch
-size (requests are sorted by length for speed and returned in request order).
+size (requests are sorted by length for speed and returned in request order), unless the
+checkpoint's MoE layers set a ``capacity_factor``: its capacity is shared by the batch's tokens.
 """
 
 from __future__ import annotations
@@ -196,9 +197,12 @@ class LibMoE(lmms):
         return lengths
 
     def _write_traces(self, recorder, requests, attention_mask, new_tokens) -> None:
-        """One block per (layer, document); generated tokens past a sample's end are dropped."""
+        """One block per (layer, document). A generated token is routed when it is fed back, so a
+        sample's last one (its end token, or the max_new_tokens-th) is routed only while a longer
+        sample of the batch goes on: it is dropped always, so traces do not depend on the batch."""
         prompt_len = attention_mask.sum(-1).cpu()  # [B] real prompt tokens
-        limit = prompt_len + torch.tensor(self._generated_lengths(new_tokens))  # [B] exclusive
+        fed_back = (torch.tensor(self._generated_lengths(new_tokens)) - 1).clamp(min=0)  # [B]
+        limit = prompt_len + fed_back  # [B] exclusive
         by_layer = defaultdict(list)
         for record in recorder.records:
             by_layer[(record.placement, record.layer)].append(record)

@@ -6,12 +6,13 @@ tokens, HF-LLaVA style, so KV-cache generation and left padding need nothing spe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..tokens import IGNORE_INDEX
@@ -87,11 +88,22 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         return self.language_model.get_decoder()
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        loaded = model[0] if isinstance(model, tuple) else model
-        restore_router_buffers(loaded)
-        return model
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        """transformers' loader, strict by default: a local folder that does not exist, a checkpoint
+        of another model type, and weights missing from or extra to the checkpoint's config are
+        errors (transformers would warn and fill them with random values)."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if strict:
+            _check_checkpoint(path, kwargs)
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        restore_router_buffers(model)
+        mismatch = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if strict and any(mismatch.values()):
+            details = "; ".join(f"{k}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}" for k, v in mismatch.items() if v)
+            raise ValueError(f"{path}: the saved weights do not fit its config ({details}); "
+                             "pass strict=False to load anyway with those weights random")
+        return (model, info) if wants_info else model
 
     @property
     def num_image_tokens(self) -> int:
@@ -211,6 +223,20 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         total = torch.stack([v.float() for v in weighted.values()]).sum()
         terms = {k: torch.stack(v).float().mean() for k, v in sums.items()}
         return total, weighted, terms
+
+
+def _check_checkpoint(path: str, kwargs: dict) -> None:
+    """A local checkpoint folder exists, and its config is a libmoe_vlm one."""
+    local = os.path.isabs(path) or path.startswith((".", "~"))
+    if local and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"checkpoint folder not found: {path}")
+    if kwargs.get("config") is not None:
+        return
+    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+    model_type = PretrainedConfig.get_config_dict(path, **hub)[0].get("model_type")
+    if model_type != LibMoEVLMConfig.model_type:
+        raise ValueError(f"{path} holds a {model_type!r} model, not a {LibMoEVLMConfig.model_type!r} checkpoint "
+                         "(import real weights with a preset; see build_model)")
 
 
 def real_token_mask(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
