@@ -77,3 +77,7 @@ def test_errors(tmp_path):
         compare_checkpoints([p, k3])
     with pytest.raises(ValueError, match="auto, zip, join"):
         compare_checkpoints([p, p], method="x")
+    e8 = write_trace(trace_table(A, num_experts=8, checkpoint="e8"), tmp_path / "e8.parquet")  # same ids, 8 experts
+    for method in ("zip", "join"):
+        with pytest.raises(TraceError, match=r"layer=0: .*s1.* routes over \[4\] experts, .*e8.parquet over \[8\]"):
+            compare_checkpoints([p, e8], method=method)

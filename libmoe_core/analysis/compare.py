@@ -297,6 +297,7 @@ def compare_checkpoints(
     if len(paths) < 2:
         raise ValueError(f"comparing checkpoints needs two or more traces, got {len(paths)}")
     paths = [os.fspath(p) for p in paths]
+    _check_same_expert_counts(paths, batch_rows)
     comp = None
     if method in ("auto", "zip"):
         try:
@@ -307,3 +308,25 @@ def compare_checkpoints(
     if comp is None:
         comp = _compare_join(paths, by, batch_rows, tmp_dir)
     return comp.frame(paths)
+
+
+def _expert_counts(path: str, batch_rows: int) -> dict[tuple, set[int]]:
+    """{(placement, layer): the num_experts values of its rows} of one trace."""
+    counts: dict[tuple, set[int]] = {}
+    for batch in iter_batches(path, ("placement", "layer", "num_experts"), batch_rows):
+        table = pa.Table.from_batches([batch]).group_by(["placement", "layer"]).aggregate(
+            [("num_experts", "min"), ("num_experts", "max")])
+        for row in table.to_pylist():
+            counts.setdefault((str(row["placement"]), int(row["layer"])), set()).update(
+                {int(row["num_experts_min"]), int(row["num_experts_max"])})
+    return counts
+
+
+def _check_same_expert_counts(paths: Sequence[str], batch_rows: int) -> None:
+    """Routing over different expert counts has no common expert ids to compare: an error."""
+    final = _expert_counts(paths[-1], batch_rows)
+    for path in paths[:-1]:
+        for key, experts in sorted(_expert_counts(path, batch_rows).items()):
+            if key in final and experts != final[key]:
+                raise TraceError(f"placement={key[0]} layer={key[1]}: {path} routes over {sorted(experts)} experts, "
+                                 f"{paths[-1]} over {sorted(final[key])}; traces of different expert counts cannot be compared")
