@@ -261,3 +261,27 @@ def test_iter_batches_can_stop_early(tmp_path):
     assert first.num_rows == 5
     it.close()  # the reader thread stops; nothing hangs
     assert sum(b.num_rows for b in iter_batches(path, ["layer"], batch_rows=7, prefetch=0)) == 4 * 8 * 6
+
+
+def test_plots_of_a_table_grouped_by_task_show_token_weighted_layer_values(tmp_path):
+    """Task a: 90 tokens of uniform routing (entropy 1); task b: 10 one-hot tokens (entropy 0). The
+    layer's value is 0.9; an unweighted mean over the two task rows would plot 0.5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pyarrow as pa
+
+    from libmoe_core.analysis import analyze_stats, plots
+
+    uniform = trace_table([[i % 2] for i in range(90)], [[1.0]] * 90, [[0.25] * 4] * 90, num_experts=4, task="a")
+    onehot = trace_table([[2]] * 10, [[1.0]] * 10, [[0.0, 0.0, 1.0, 0.0]] * 10, num_experts=4, task="b",
+                         position=list(range(90, 100)))
+    path = write_trace(pa.concat_tables([uniform, onehot]), tmp_path / "two_tasks.parquet")
+    assert analyze(path).iloc[0]["router_entropy_norm"] == pytest.approx(0.9)
+    by_task = analyze(path, by="task", compare=False)
+    assert sorted(by_task["router_entropy_norm"].round(6)) == [0.0, 1.0]
+    fig = plots.entropy_curves(by_task, metrics=("router_entropy_norm",))
+    assert fig.axes[0].lines[0].get_ydata().tolist() == pytest.approx([0.9])
+    fig = plots.entropy_distribution(analyze_stats([path], by="task")[0], "llm")
+    shares = fig.axes[0].collections[0].get_array().ravel()
+    assert (shares[0], shares[-1], shares.sum()) == pytest.approx((0.1, 0.9, 1.0))  # shares of all the layer's tokens

@@ -358,7 +358,8 @@ class RoutingStats:
             total = max(int(self.prob_rows[g]), 1)
             key = dict(zip(self.key_names, self.keys[g]))
             for i in range(b):
-                records.append({**key, "bin_lo": i / b, "bin_hi": (i + 1) / b, "share": self.entropy_hist[g, i] / total})
+                records.append({**key, "bin_lo": i / b, "bin_hi": (i + 1) / b, "share": self.entropy_hist[g, i] / total,
+                                "count": int(self.entropy_hist[g, i]), "rows": int(self.prob_rows[g])})
         return pd.DataFrame.from_records(records)
 
     @property

@@ -36,11 +36,25 @@ def save_figure(fig, out_dir: str | os.PathLike, name: str, dpi: int = 110) -> s
     return path
 
 
+def token_weighted(table, keys: list[str], metrics: list[str], weight: str = "tokens"):
+    """One row per ``keys`` with each metric averaged over its rows weighted by ``weight``: a table
+    grouped by task has several rows per layer, which a line plot would average unweighted."""
+    import pandas as pd
+
+    if weight not in table.columns or not table.duplicated(keys).any():
+        return table
+    w = table[weight].astype(float)
+    groups = [table[k] for k in keys]
+    parts = {m: (table[m] * w).groupby(groups).sum() / w.groupby(groups).sum() for m in metrics}
+    return pd.DataFrame(parts).reset_index()
+
+
 def entropy_curves(table, metrics=("router_entropy_norm", "top1_entropy_norm", "topk_weight_entropy", "margin"),
                    hue: str = "placement", style: str | None = None):
     """Per-layer curves of entropy-type metrics, one panel per metric, one line per ``hue``."""
     plt, sns = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    table = token_weighted(table, [k for k in ("layer", hue, style) if k], list(metrics))
     for ax, metric in zip(axes[0], metrics):
         sns.lineplot(data=table, x="layer", y=metric, hue=hue, style=style, marker="o", ax=ax, errorbar=None)
         ax.set_title(metric)
@@ -56,7 +70,8 @@ def entropy_distribution(stats: RoutingStats, placement: str, **filters):
     """Heatmap layers x normalised-entropy bins: share of tokens per bin (router entropy / ln E)."""
     plt, sns = _plt()
     hist = stats.entropy_histogram(placement=placement, **filters)
-    table = hist.pivot_table(index="layer", columns="bin_lo", values="share", aggfunc="mean")
+    pooled = hist.groupby(["layer", "bin_lo"])[["count", "rows"]].sum()  # groups (tasks...) pooled by tokens
+    table = (pooled["count"] / pooled["rows"].clip(lower=1)).unstack("bin_lo")
     table.columns = [f"{c:.2f}" for c in table.columns]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(table) + 1.6))
     sns.heatmap(table, cmap="viridis", ax=ax, cbar_kws={"label": "share of tokens"})
@@ -117,6 +132,7 @@ def _checkpoint_panel(ax, part, order, metric: str, hue: str, title: str) -> Non
     """One line plot of ``metric`` over checkpoints (x in ``order``), one line per ``hue`` value."""
     _, sns = _plt()
     part = part.assign(step=part["checkpoint"].map({c: i for i, c in enumerate(order)}))
+    part = token_weighted(part, ["step", hue], [metric], weight="matched")
     sns.lineplot(data=part, x="step", y=metric, hue=hue, marker="o", ax=ax, errorbar=None, palette="crest")
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax.set_xlabel("checkpoint")
@@ -142,6 +158,7 @@ def router_comparison(tables: dict, metric: str = "router_entropy_norm"):
     plt, sns = _plt()
     fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.4), sharey=True, squeeze=False)
     for ax, (name, table) in zip(axes[0], tables.items()):
+        table = token_weighted(table, ["layer", "placement"], [metric])
         sns.lineplot(data=table, x="layer", y=metric, hue="placement", marker="o", ax=ax, errorbar=None)
         ax.set_title(str(name))
         _integer_x(ax)
