@@ -233,7 +233,7 @@ def test_truncated_jpeg_passes_the_header_check_and_fails_the_decode_check(folde
 def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     import numpy as np
 
-    from libmoe_core.data.dataset import to_rgb
+    from libmoe_core.images import to_rgb
 
     ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(1, 256)  # 0 .. 65535
     Image.fromarray(ramp).save(tmp_path / "g16.png")

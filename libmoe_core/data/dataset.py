@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..images import to_rgb
 from .records import LoadResult, Record, read_records
 from .validate import Report, apply_policy, check_records, image_path
 
@@ -77,14 +78,6 @@ class LLaVADataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """``lengths`` signed by modality: positive with images, negative for text-only samples."""
         return [n if r.images else -n for n, r in zip(self.lengths, self.records)]
-
-
-def to_rgb(image):
-    """An RGB copy of a PIL image. 16-bit grayscale is scaled to 8 bits first (PIL's convert
-    clips it: a 0..65535 ramp would turn almost all white); transparency is dropped as in LLaVA."""
-    if image.mode.startswith("I;16"):
-        image = image.convert("I").point(lambda v: v * (1 / 257)).convert("L")
-    return image.convert("RGB")
 
 
 def _words(rec: Record) -> int:

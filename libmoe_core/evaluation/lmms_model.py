@@ -26,6 +26,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from ..images import to_rgb
 from .model_args import parse_bool, parse_int_list, parse_placements
 from .traces import TraceWriter
 
@@ -44,7 +45,7 @@ def _images(visuals) -> list:
         if isinstance(item, (list, tuple)):
             flat.extend(_images(item))
         elif isinstance(item, Image.Image):
-            flat.append(item.convert("RGB"))
+            flat.append(to_rgb(item))
         else:
             raise TypeError(f"libmoe handles images only; got a visual of type {type(item).__name__}")
     return flat

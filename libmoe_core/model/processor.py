@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..images import to_rgb
 from ..tokens import IMAGE_PLACEHOLDER, expand_image_tokens
 
 IMAGE_ASPECTS = ("pad", "resize")
@@ -70,7 +71,7 @@ class LibMoEProcessor:
     # ---- images
     def preprocess_images(self, images) -> torch.Tensor:
         """list of PIL images -> pixel_values [N, 3, H, W]."""
-        images = [im.convert("RGB") for im in images]
+        images = [to_rgb(im) for im in images]
         if self.image_aspect == "pad":
             mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
             fill = tuple(round(255 * m) for m in mean)
