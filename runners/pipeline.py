@@ -17,6 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.PARAM=VALUE",
                         help="notebook parameter of one stage, e.g. sft.max_steps=2 or eval.limit=200 (repeatable)")
+    parser.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                        help="fail a step whose notebook cell runs longer (default: no limit)")
+    parser.add_argument("--timeout-retries", type=int, default=0, metavar="N",
+                        help="run a step whose cell timed out again, up to N times (steps resume)")
 
 
 def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
@@ -39,7 +43,7 @@ def run(args) -> int:
         preset=args.preset, routers=args.routers or ["smoe", "sigmoid"], stages=args.stages.split(","),
         run_name=args.run_name, runs_root=args.runs_root, stage_parameters=parse_stage_overrides(args.overrides),
     )
-    code = execute(plan)
+    code = execute(plan, cell_timeout=args.cell_timeout, timeout_retries=args.timeout_retries)
     if code == 0:
         print(report(plan))
     return code

@@ -104,9 +104,15 @@ def plan_pipeline(
     return plan
 
 
-def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: str = "python3") -> int:
-    """Run the plan's steps in order; 0 on success, 1 at the first failure (after naming it)."""
+def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: str = "python3",
+            cell_timeout: float | None = None, timeout_retries: int = 0) -> int:
+    """Run the plan's steps in order; 0 on success, 1 at the first failure (after naming it).
+
+    ``cell_timeout`` (seconds, None: no limit) bounds each cell: papermill can wait forever for a
+    kernel message that never arrives (nteract/papermill#711). A step whose cell timed out is run
+    again up to ``timeout_retries`` times (steps resume: trainings from their last checkpoint)."""
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
 
     for step in plan.steps:
         if step.done():
@@ -117,8 +123,17 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
         log(f"[pipeline] {step.name}: running {step.notebook.name} -> {step.output}")
         started = time.perf_counter()
         try:
-            pm.execute_notebook(str(step.notebook), str(step.output), parameters=step.parameters,
-                                kernel_name=kernel, progress_bar=False, cwd=str(step.notebook.parent))
+            for attempt in range(timeout_retries + 1):
+                try:
+                    pm.execute_notebook(str(step.notebook), str(step.output), parameters=step.parameters,
+                                        kernel_name=kernel, progress_bar=False, cwd=str(step.notebook.parent),
+                                        execution_timeout=cell_timeout)
+                    break
+                except CellTimeoutError:
+                    if attempt == timeout_retries:
+                        raise
+                    log(f"[pipeline] {step.name}: a cell ran past {cell_timeout} s; running the step again "
+                        f"({attempt + 1} of {timeout_retries})")
         except Exception as err:  # noqa: BLE001  papermill's execution error, or a missing kernel/notebook: named, then exit 1
             log(f"[pipeline] {step.name} FAILED: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}")
             log(f"[pipeline] the executed notebook with the full traceback: {step.output}")
