@@ -43,7 +43,11 @@ def run(args) -> int:
         preset=args.preset, routers=args.routers or ["smoe", "sigmoid"], stages=args.stages.split(","),
         run_name=args.run_name, runs_root=args.runs_root, stage_parameters=parse_stage_overrides(args.overrides),
     )
-    code = execute(plan, cell_timeout=args.cell_timeout, timeout_retries=args.timeout_retries)
+    try:
+        code = execute(plan, cell_timeout=args.cell_timeout, timeout_retries=args.timeout_retries)
+    except ValueError as err:  # --cell-timeout / --timeout-retries out of range
+        print(f"libmoe pipeline: error: {err}", file=sys.stderr)
+        return 2
     if code == 0:
         print(report(plan))
     return code

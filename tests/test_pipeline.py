@@ -83,6 +83,9 @@ def test_a_cell_past_the_timeout_fails_the_step_or_runs_it_again(tmp_path):
     assert execute(plan, log=lines.append, cell_timeout=5, timeout_retries=1) == 0
     assert any("a cell ran past 5 s; running the step again (1 of 1)" in line for line in lines), lines
     assert all(s.done() for s in plan.steps)
+    for bad, needle in (({"cell_timeout": 0}, "cell_timeout must be > 0"), ({"timeout_retries": -1}, "timeout_retries must be >= 0")):
+        with pytest.raises(ValueError, match=needle):
+            execute(plan, **bad)
 
 
 @pytest.mark.parametrize("params,needle", [

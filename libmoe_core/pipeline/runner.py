@@ -114,6 +114,11 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError
 
+    if cell_timeout is not None and not cell_timeout > 0:
+        raise ValueError(f"cell_timeout must be > 0 seconds or None, got {cell_timeout!r}")
+    if timeout_retries < 0:
+        raise ValueError(f"timeout_retries must be >= 0, got {timeout_retries!r}")
+
     for step in plan.steps:
         if step.done():
             step.skipped = True
