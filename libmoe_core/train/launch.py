@@ -14,6 +14,9 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .cpus import available_cpus
+from .guard import guard_command
+
+STAGE_LOCK_NAME = ".train.lock"
 
 ZERO_CONFIG_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_offload.json"}
 TRAIN_ENTRY = Path(__file__).resolve().parents[2] / "runners" / "train.py"
@@ -71,6 +74,18 @@ def build_command(cfg: TrainConfig, config_path: Path, resume: bool = False) -> 
     return cmd
 
 
+def stop_guarded_run(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
+    """Ask the guard to stop the run (SIGTERM) and wait for it; SIGKILL the guard if it does not exit."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=wait_s)
+    except subprocess.TimeoutExpired:  # pragma: no cover - the guard ignores SIGTERM only if wedged
+        proc.kill()
+        proc.wait()
+
+
 def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None] | None = None) -> Path:
     """Write the resolved config, run the stage, stream lines to ``on_line`` and ``train.log``.
 
@@ -87,15 +102,22 @@ def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None
     log_path = stage_dir / "train.log"
     tail: deque[str] = deque(maxlen=200)
     emit = on_line or (lambda line: print(line, end="", flush=True))
+    # The guard (own session, so a kernel's SIGKILL to its group misses it) stops the whole run
+    # when this process is interrupted or dies, and keeps a second run off this stage folder.
+    command = guard_command(build_command(cfg, config_path, resume), lock=stage_dir / STAGE_LOCK_NAME)
     with open(log_path, "a") as log, subprocess.Popen(
-        build_command(cfg, config_path, resume), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=launch_env(cfg.num_procs), start_new_session=True, bufsize=1,
     ) as proc:
-        for line in proc.stdout:
-            log.write(line)
-            tail.append(line)
-            emit(line)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                tail.append(line)
+                emit(line)
+            rc = proc.wait()
+        except BaseException:  # KeyboardInterrupt from a notebook interrupt or Ctrl-C, an on_line error
+            stop_guarded_run(proc)
+            raise
     if rc != 0 or not (cfg.final_dir / "config.json").is_file():
         raise TrainingFailed(rc, log_path, list(tail))
     return cfg.final_dir

@@ -1,0 +1,186 @@
+"""The training guard: a run's whole process tree dies with its launcher; one run per stage folder.
+
+Real processes throughout: a fake launcher (a Python process that starts a grandchild, as
+DeepSpeed's runner starts its per-node launcher and ranks) under the guard, and checks that
+every pid is gone afterwards.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from libmoe_core.train import guard
+from libmoe_core.train.config import resolve_config
+from libmoe_core.train.guard import LOCK_BUSY_EXIT, acquire_stage_lock, guard_command
+
+GUARD = str(Path(guard.__file__).resolve())
+
+# A launcher that starts a grandchild, writes "launcher_pid grandchild_pid", says "started", sleeps.
+# With IGNORE_TERM both ignore SIGTERM, so only SIGKILL stops them.
+FAKE_LAUNCHER = textwrap.dedent("""
+    import os, signal, subprocess, sys, time
+    ignore = os.environ.get("IGNORE_TERM") == "1"
+    code = "import signal, time\\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n" if ignore else "") + "time.sleep(600)"
+    if ignore:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    grandchild = subprocess.Popen([sys.executable, "-c", code])
+    open(sys.argv[1], "w").write(f"{os.getpid()} {grandchild.pid}\\n")
+    print("started", flush=True)
+    if sys.argv[2:] == ["exit-leaving-grandchild"]:
+        sys.exit(0)
+    time.sleep(600)
+""")
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def read_pids(path: Path, timeout: float = 30.0) -> list[int]:
+    assert wait_for(lambda: path.is_file() and path.read_text().endswith("\n"), timeout), "fake launcher never started"
+    return [int(p) for p in path.read_text().split()]
+
+
+@pytest.fixture
+def fake_launcher(tmp_path) -> list[str]:
+    script = tmp_path / "fake_launcher.py"
+    script.write_text(FAKE_LAUNCHER)
+    return [sys.executable, str(script), str(tmp_path / "pids")]
+
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def test_parent_killed_by_sigkill_stops_the_whole_tree(tmp_path, fake_launcher):
+    # The parent plays a Jupyter kernel killed after a cell timeout: SIGKILL, no chance to clean up.
+    parent_code = (
+        "import os, subprocess, sys, time\n"
+        f"cmd = [sys.executable, '-I', {GUARD!r}, '--parent', str(os.getpid()), '--grace', '2', '--', *{fake_launcher!r}]\n"
+        "subprocess.Popen(cmd, start_new_session=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], start_new_session=True)
+    try:
+        pids = read_pids(tmp_path / "pids")
+        assert all(alive(p) for p in pids)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        assert wait_for(lambda: not any(alive(p) for p in pids), 10), "the run outlived its launcher"
+    finally:
+        parent.kill()
+
+
+def test_sigterm_to_guard_escalates_to_sigkill_after_grace(tmp_path, fake_launcher):
+    proc = subprocess.Popen([sys.executable, "-I", GUARD, "--parent", str(os.getpid()), "--grace", "1", "--",
+                             *fake_launcher], env=dict(os.environ, IGNORE_TERM="1"))
+    pids = read_pids(tmp_path / "pids")
+    start = time.monotonic()
+    proc.terminate()
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    assert time.monotonic() - start >= 1.0  # the grace period was given before SIGKILL
+    assert not any(alive(p) for p in pids)
+
+
+def run_guard(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The guard as launch() runs it, following this test process; returns when it exits."""
+    return subprocess.run([sys.executable, "-I", GUARD, "--parent", str(os.getpid()), *args],
+                          check=False, timeout=60, **kwargs)
+
+
+def test_exit_status_passes_through_and_leftovers_are_stopped(tmp_path, fake_launcher):
+    assert run_guard("--", sys.executable, "-c", "raise SystemExit(3)").returncode == 3
+    killed = run_guard("--", sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.returncode == 128 + signal.SIGKILL
+    # The launcher exits 0 but leaves a "rank" running: the guard stops it before exiting.
+    assert run_guard("--grace", "2", "--", *fake_launcher, "exit-leaving-grandchild").returncode == 0
+    assert not any(alive(p) for p in read_pids(tmp_path / "pids"))
+
+
+def test_busy_stage_folder_waits_then_fails_naming_the_holder(tmp_path):
+    lock = tmp_path / ".train.lock"
+    held = acquire_stage_lock(lock, wait_s=0)
+    try:
+        out = run_guard("--lock", str(lock), "--lock-wait", "0.5", "--", sys.executable, "-c", "print('ran')",
+                        capture_output=True, text=True)
+        assert out.returncode == LOCK_BUSY_EXIT
+        assert f"in use by another training run (guard pid {os.getpid()})" in out.stdout
+        assert str(tmp_path) in out.stdout and "ran" not in out.stdout
+        with pytest.raises(TimeoutError, match="in use by another training run"):
+            acquire_stage_lock(lock, wait_s=0)
+        # A run started while the lock is held goes ahead once it is released.
+        waiting = subprocess.Popen([sys.executable, "-I", GUARD, "--parent", str(os.getpid()), "--lock", str(lock),
+                                    "--lock-wait", "30", "--", sys.executable, "-c", "print('ran')"],
+                                   stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert waiting.poll() is None
+    finally:
+        os.close(held)
+    stdout, _ = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0 and "waiting for the previous training run" in stdout and "ran" in stdout
+
+
+def test_interrupted_launch_stops_training(tmp_path, fake_launcher, monkeypatch):
+    # A notebook interrupt (or Ctrl-C on `libmoe train`) arrives as KeyboardInterrupt while
+    # launch() streams the output: the training tree must not keep running behind it.
+    from libmoe_core.train import launch as launch_module
+
+    cfg = resolve_config("pretrain", overrides={"run_dir": str(tmp_path / "run")})
+    monkeypatch.setattr(launch_module, "build_command", lambda *args, **kwargs: fake_launcher)
+
+    def interrupt(line):
+        if line.startswith("started"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        launch_module.launch(cfg, on_line=interrupt)
+    pids = read_pids(tmp_path / "pids")
+    assert not any(alive(p) for p in pids), "training kept running after the interrupt"
+    # The stage folder is free again: a second launch is not refused as busy.
+    assert (cfg.stage_dir / launch_module.STAGE_LOCK_NAME).is_file()
+    os.close(acquire_stage_lock(cfg.stage_dir / launch_module.STAGE_LOCK_NAME, wait_s=0))
+
+
+def test_second_launch_on_a_busy_stage_folder_is_a_clear_failure(tmp_path, monkeypatch):
+    from libmoe_core.train import launch as launch_module
+
+    cfg = resolve_config("pretrain", overrides={"run_dir": str(tmp_path / "run")})
+    cfg.stage_dir.mkdir(parents=True)
+    real_guard_command = launch_module.guard_command
+    monkeypatch.setattr(launch_module, "build_command", lambda *a, **k: [sys.executable, "-c", "print('trained')"])
+    monkeypatch.setattr(launch_module, "guard_command", lambda cmd, lock: real_guard_command(cmd, lock, lock_wait_s=0.3))
+    held = acquire_stage_lock(cfg.stage_dir / launch_module.STAGE_LOCK_NAME, wait_s=0)
+    try:
+        with pytest.raises(launch_module.TrainingFailed, match="in use by another training run") as err:
+            launch_module.launch(cfg, on_line=lambda line: None)
+        assert err.value.returncode == LOCK_BUSY_EXIT
+    finally:
+        os.close(held)
+
+
+def test_guard_command_follows_this_process():
+    cmd = guard_command(["deepspeed", "x.py"], lock=Path("/tmp/s/.train.lock"), grace_s=3, lock_wait_s=7)
+    assert cmd[:3] == [sys.executable, "-I", GUARD]
+    assert cmd[cmd.index("--parent") + 1] == str(os.getpid())
+    assert cmd[cmd.index("--lock") + 1] == "/tmp/s/.train.lock"
+    assert cmd[cmd.index("--grace") + 1] == "3" and cmd[cmd.index("--lock-wait") + 1] == "7"
+    assert cmd[-3:] == ["--", "deepspeed", "x.py"]
