@@ -114,6 +114,30 @@ def test_run_refuses_judge_tasks_before_doing_anything(tmp_path):
     assert not cfg.output_path.exists()
 
 
+def test_interrupted_run_stops_lmms_eval(tmp_path, monkeypatch):
+    # A notebook interrupt (KeyboardInterrupt) while the output streams: the evaluation process
+    # is killed, not left running with nobody reading its output.
+    from libmoe_core.evaluation import runner
+
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); print('evaluating', flush=True); "
+    fake = [sys.executable, "-c", code + "time.sleep(600)"]
+    monkeypatch.setattr(runner, "build_command", lambda cfg, include: fake)
+
+    class InterruptingStream:
+        def write(self, text):
+            raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(_cfg(tmp_path, tasks=["pope"]), stream=InterruptingStream(), env=dict(os.environ))
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 def test_cli_dry_run_prints_the_command(tmp_path, capsys):
     rc = cli_main(["eval", "--model-path", "/ck", "--tasks", "libmoe12", "easyvqa", "--limit", "8",
                    "--output-path", str(tmp_path), "--return-id-experts", "--layers-expert-selection", "0", "3",
