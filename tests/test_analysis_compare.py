@@ -81,3 +81,29 @@ def test_errors(tmp_path):
     for method in ("zip", "join"):
         with pytest.raises(TraceError, match=r"layer=0: .*s1.* routes over \[4\] experts, .*e8.parquet over \[8\]"):
             compare_checkpoints([p, e8], method=method)
+
+
+def test_tokens_of_several_images_and_crops_are_matched_by_image_and_crop(tmp_path):
+    # One document, two images, each with a whole-image pass and one tile: the vision rows
+    # repeat (doc, placement, layer, position) and differ only by (image, crop).
+    image, crop, position = [0, 0, 1, 1], [0, 1, 0, 1], [0, 0, 0, 0]
+    first = write_trace(trace_table(A, num_experts=4, placement="vision", image=image, crop=crop, position=position,
+                                    checkpoint="s1"), tmp_path / "s1.parquet")
+    order = [3, 1, 0, 2]  # the later trace lists them in another order
+    second = write_trace(trace_table(np.asarray(B)[order], num_experts=4, placement="vision",
+                                     image=np.asarray(image)[order], crop=np.asarray(crop)[order],
+                                     position=0, checkpoint="s2"), tmp_path / "s2.parquet")
+    for method in ("auto", "join"):
+        df = compare_checkpoints([first, second], method=method).set_index("checkpoint")
+        assert df.loc["s2", "matched"] == 4
+        assert df.loc["s2", "switch_rate"] == pytest.approx(0.5) and df.loc["s2", "overlap"] == pytest.approx(0.75)
+
+
+def test_traces_without_image_and_crop_columns_still_compare(tmp_path):
+    import pyarrow.parquet as pq
+
+    paths = [_write(tmp_path, "s1", A), _write(tmp_path, "s2", B, order=[3, 1, 0, 2])]
+    for p in paths:  # as written before those columns existed
+        pq.write_table(pq.read_table(p).drop_columns(["image", "crop"]), p)
+    df = compare_checkpoints(paths, method="join").set_index("checkpoint")
+    assert df.loc["s2", "switch_rate"] == pytest.approx(0.5) and df.loc["s2", "matched"] == 4

@@ -71,7 +71,7 @@ def test_batch_size_does_not_change_answers(checkpoint):
 
 
 def test_traces_match_the_models_own_routing(checkpoint, tmp_path):
-    from libmoe_core.analysis.schema import TRACE_SCHEMA
+    from libmoe_core.analysis.schema import JOIN_KEYS, TRACE_SCHEMA
     from libmoe_core.evaluation.traces import read_traces
 
     lm = make(checkpoint, batch_size=3, return_id_experts=True, trace_dir=str(tmp_path / "traces"),
@@ -98,6 +98,14 @@ def test_traces_match_the_models_own_routing(checkpoint, tmp_path):
         assert counts.get(("llm", "image"), 0) == n_images * model.config.num_image_tokens
         assert counts[("llm", "text")] == prompt_len - n_images * model.config.num_image_tokens
         assert counts[("llm", "generated")] == steps - 1  # the last generated token is never fed back
+        # documents with two images: (image, crop) tells their vision/projector rows apart
+        assert not rows.duplicated(list(JOIN_KEYS)).any()
+        for placement in ("vision", "projector"):
+            per_image = rows[rows["placement"] == placement].groupby("image").size().to_dict()
+            assert per_image == {i: len(rows[rows["placement"] == placement]) // max(n_images, 1) for i in range(n_images)}
+        llm = rows[rows["placement"] == "llm"]
+        assert set(llm.loc[llm["token_kind"] != "image", "image"]) == {-1}
+        assert sorted(set(llm.loc[llm["token_kind"] == "image", "image"])) == list(range(n_images))
         experts = np.stack(rows["experts"].to_numpy())
         assert ((experts >= 0) & (experts < rows["num_experts"].to_numpy()[:, None])).all()
 

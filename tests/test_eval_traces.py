@@ -25,7 +25,8 @@ def test_schema_is_exactly_the_documented_one(tmp_path):
     part = pq.read_table(tmp_path / "part-00000.parquet")
     expected = [
         ("task", pa.string()), ("doc_id", pa.int64()), ("checkpoint", pa.string()), ("placement", pa.string()),
-        ("layer", pa.int32()), ("position", pa.int32()), ("token_kind", pa.string()),
+        ("layer", pa.int32()), ("image", pa.int32()), ("crop", pa.int32()), ("position", pa.int32()),
+        ("token_kind", pa.string()),
         ("experts", pa.list_(pa.int32())), ("weights", pa.list_(pa.float32())), ("probs", pa.list_(pa.float32())),
         ("num_experts", pa.int32()),
     ]
@@ -43,15 +44,18 @@ def test_round_trip_values_numpy_and_torch(tmp_path):
     pos, exp, wts, prb = _block(6, k=2, e=4, seed=1)
     kinds = np.array(["image", "image", "text", "text", "text", "generated"])
     with TraceWriter(tmp_path) as w:
-        w.add_block("t1", 3, "ck", "vision", 0, pos, kinds, exp, wts, prb)
+        w.add_block("t1", 3, "ck", "vision", 0, pos, kinds, exp, wts, prb, images=[0, 0, 0, 1, 1, 1], crops=[0, 1] * 3)
         w.add_block("t1", 4, "ck", "projector", 1, torch.tensor(pos[:2]), torch.tensor([1, 2]),
-                    torch.tensor(exp[:2]), torch.tensor(wts[:2]).to(torch.bfloat16), torch.tensor(prb[:2]))
+                    torch.tensor(exp[:2]), torch.tensor(wts[:2]).to(torch.bfloat16), torch.tensor(prb[:2]),
+                    images=torch.tensor([-1, 2]))
     table = read_traces(tmp_path).to_pydict()
     assert table["task"] == ["t1"] * 8
     assert table["doc_id"] == [3] * 6 + [4] * 2
     assert table["placement"] == ["vision"] * 6 + ["projector"] * 2
     assert table["layer"] == [0] * 6 + [1] * 2
     assert table["position"] == list(pos) + list(pos[:2])
+    assert table["image"] == [0, 0, 0, 1, 1, 1, -1, 2]
+    assert table["crop"] == [0, 1] * 3 + [0, 0]  # one value for the block by default
     assert table["token_kind"] == list(kinds) + ["text", "generated"]
     assert table["experts"][:6] == exp.tolist()
     np.testing.assert_allclose(np.array(table["weights"][:6]), wts, rtol=0, atol=0)
@@ -131,3 +135,26 @@ def test_closed_writer_refuses_rows(tmp_path):
         w.add_block("t", 0, "ck", "llm", 0, pos, "text", exp, wts, prb)
     with pytest.raises(FileNotFoundError):
         read_traces(tmp_path)
+
+
+def test_image_and_crop_values_are_checked(tmp_path):
+    pos, exp, wts, prb = _block(3)
+    with TraceWriter(tmp_path) as w, pytest.raises(ValueError, match="images must be one value or 3 values, got 2"):
+        w.add_block("t", 0, "ck", "vision", 0, pos, "image", exp, wts, prb, images=[0, 1])
+
+
+def test_traces_written_before_image_and_crop_read_with_zeros(tmp_path):
+    # A part written by an earlier version (no image / crop columns) reads back with 0 / 0,
+    # beside a current part, and a column selection gets them too.
+    with TraceWriter(tmp_path) as w:
+        pos, exp, wts, prb = _block(2)
+        w.add_block("t", 1, "ck", "llm", 0, pos, "text", exp, wts, prb, images=-1)
+    old = pq.read_table(tmp_path / "part-00000.parquet").drop_columns(["image", "crop"])
+    pq.write_table(old, tmp_path / "part-00001.parquet")
+    table = read_traces(tmp_path)
+    assert table.schema.equals(TRACE_SCHEMA)
+    assert table.column("image").to_pylist() == [-1, -1, 0, 0]
+    assert table.column("crop").to_pylist() == [0, 0, 0, 0]
+    assert read_traces(tmp_path, columns=["crop", "doc_id"]).column_names == ["crop", "doc_id"]
+    with pytest.raises(ValueError, match="no column"):
+        read_traces(tmp_path, columns=["nope"])

@@ -1,7 +1,7 @@
 """Routing changes across checkpoints of one run: switch rate, overlap, saturation.
 
-Rows of two traces are matched on (task, doc_id, placement, layer, position,
-token_kind). Two streaming strategies, both with bounded memory:
+Rows of two traces are matched on (task, doc_id, placement, layer, image, crop,
+position, token_kind). Two streaming strategies, both with bounded memory:
 
 * ``zip`` (fast path): traces of the same documents written in the same order are
   read side by side, re-chunked to equal lengths, and every chunk's keys are checked
@@ -32,11 +32,11 @@ import pyarrow.parquet as pq
 
 from .groups import GroupIndex, StringIds
 from .read import DEFAULT_BATCH_ROWS, TraceError, codes, ints, iter_batches, list_matrix
-from .schema import COMPARE_COLUMNS, check_by
+from .schema import COMPARE_COLUMNS, JOIN_KEYS, check_by
 
 METHODS = ("auto", "zip", "join")
 _STRING_KEYS = ("task", "placement", "token_kind")
-_INT_KEYS = ("doc_id", "layer", "position")
+_INT_KEYS = ("doc_id", "layer", "image", "crop", "position")
 
 
 class _Mismatch(Exception):
@@ -222,14 +222,14 @@ def _plain_schema(schema: pa.Schema) -> pa.Schema:
 
 def _join_rows(left: pa.Table, right: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (into left, into right) of the rows with equal join keys."""
-    keys = ["task", "doc_id", "position", "token_kind"]
+    keys = ["task", "doc_id", "image", "crop", "position", "token_kind"]
     lt = left.select(keys).append_column("_l", pa.array(np.arange(left.num_rows)))
     rt = right.select(keys).append_column("_r", pa.array(np.arange(right.num_rows)))
     joined = lt.join(rt, keys=keys, join_type="inner")
     li = joined.column("_l").to_numpy()
     ri = joined.column("_r").to_numpy()
     if len(np.unique(li)) != len(li) or len(np.unique(ri)) != len(ri):
-        raise TraceError(f"{where}: several rows share one (task, doc_id, placement, layer, position, token_kind)")
+        raise TraceError(f"{where}: several rows share one ({', '.join(JOIN_KEYS)})")
     return li, ri
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import TRACE_SCHEMA
+from .schema import LEGACY_FILL, TRACE_SCHEMA
 
 DEFAULT_BATCH_ROWS = 1 << 18
 _DICT_COLUMNS = ("task", "checkpoint", "placement", "token_kind")
@@ -45,7 +45,8 @@ def trace_files(path: str | os.PathLike) -> list[str]:
 def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
     """Check that every file of the trace has ``columns``; return the files.
 
-    Raises :class:`TraceError` naming the first file and column that is missing.
+    Raises :class:`TraceError` naming the first file and column that is missing (the
+    :data:`~.schema.LEGACY_FILL` columns may be missing: readers fill them in).
     Only Parquet footers are read.
     """
     files = trace_files(path)
@@ -55,11 +56,25 @@ def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
             names = set(pq.read_schema(f).names)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
-        missing = [c for c in columns if c not in names]
+        missing = [c for c in columns if c not in names and c not in LEGACY_FILL]
         if missing:
             expected = ", ".join(f"{fld.name}: {fld.type}" for fld in TRACE_SCHEMA if fld.name in missing)
             raise TraceError(f"trace file {f} lacks required column(s) {', '.join(missing)} (expected {expected})")
     return files
+
+
+def with_legacy_columns(data: pa.RecordBatch | pa.Table, columns: list[str]):
+    """``data`` (a batch or a table) with ``columns`` in this order, absent
+    :data:`~.schema.LEGACY_FILL` columns filled in (no copy of the others)."""
+    names = data.schema.names
+    unknown = [c for c in columns if c not in names and c not in LEGACY_FILL]
+    if unknown:
+        raise TraceError(f"no column(s) {', '.join(unknown)} in the trace (columns: {', '.join(names)})")
+    arrays = [
+        data.column(c) if c in names else pa.repeat(pa.scalar(LEGACY_FILL[c], TRACE_SCHEMA.field(c).type), data.num_rows)
+        for c in columns
+    ]
+    return type(data).from_arrays(arrays, names=columns)
 
 
 def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -69,10 +84,11 @@ def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iter
             pf = pq.ParquetFile(f, read_dictionary=dictionary)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
+        present = [c for c in columns if c in pf.schema_arrow.names]
         try:
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=True):
                 if batch.num_rows:
-                    yield batch
+                    yield with_legacy_columns(batch, columns)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
         finally:

@@ -16,7 +16,9 @@ TRACE_SCHEMA = pa.schema(
         ("checkpoint", pa.string()),
         ("placement", pa.string()),  # vision | projector | llm
         ("layer", pa.int32()),
-        ("position", pa.int32()),  # token index in the sequence
+        ("image", pa.int32()),  # image index in the document (vision/projector, llm image tokens); -1 text
+        ("crop", pa.int32()),  # 0 = the whole image, 1.. = its S^2 tiles (vision); 0 elsewhere
+        ("position", pa.int32()),  # token index in the sequence the layer saw
         ("token_kind", pa.string()),  # image | text | generated
         ("experts", pa.list_(pa.int32())),  # k chosen experts, rank order
         ("weights", pa.list_(pa.float32())),  # k combine weights
@@ -29,7 +31,11 @@ PLACEMENTS = ("vision", "projector", "llm")
 TOKEN_KINDS = ("image", "text", "generated")
 
 #: Columns that identify one token at one layer (the join key between checkpoints).
-JOIN_KEYS = ("task", "doc_id", "placement", "layer", "position", "token_kind")
+JOIN_KEYS = ("task", "doc_id", "placement", "layer", "image", "crop", "position", "token_kind")
+
+#: Columns that traces written before they existed lack, and the value readers fill in
+#: (such traces held one whole image per document, or repeated their join keys).
+LEGACY_FILL = {"image": 0, "crop": 0}
 
 #: ``--by`` choices: extra grouping columns beside (checkpoint, placement, layer).
 BY_CHOICES = ("task", "token_kind")

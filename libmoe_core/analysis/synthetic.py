@@ -59,6 +59,8 @@ def trace_table(
     checkpoint="final",
     placement="llm",
     layer=0,
+    image=0,
+    crop=0,
     position=None,
     token_kind="text",
 ) -> pa.Table:
@@ -85,6 +87,8 @@ def trace_table(
         "checkpoint": _strings(checkpoint, n),
         "placement": _strings(placement, n),
         "layer": pa.array(_ints(layer, n, np.int32)),
+        "image": pa.array(_ints(image, n, np.int32)),
+        "crop": pa.array(_ints(crop, n, np.int32)),
         "position": pa.array(_ints(np.arange(n) if position is None else position, n, np.int32)),
         "token_kind": _strings(token_kind, n),
         "experts": _list(experts, pa.int32()),
@@ -188,7 +192,8 @@ def synthetic_trace(
     return trace_table(
         experts, weights, probs, num_experts=e,
         task=np.asarray(tasks)[task_idx], doc_id=doc, checkpoint=checkpoint,
-        placement=np.asarray(placements)[p_idx], layer=layer, position=position, token_kind=kinds[kind_idx],
+        placement=np.asarray(placements)[p_idx], layer=layer, image=np.where(kind_idx == 0, 0, -1),
+        position=position, token_kind=kinds[kind_idx],
     )
 
 

@@ -210,6 +210,8 @@ class LibMoE(lmms):
         for (placement, layer), records in by_layer.items():
             sample = torch.cat([r.sample for r in records])
             position = torch.cat([r.position for r in records])
+            image = torch.cat([r.image for r in records])
+            crop = torch.cat([r.crop for r in records])
             kind = torch.cat([r.kind for r in records])
             experts = torch.cat([r.experts for r in records])
             weights = torch.cat([r.weights for r in records])
@@ -220,7 +222,8 @@ class LibMoE(lmms):
                 if rows.any():
                     _, _, _, doc_id, task, _ = request.args
                     self.writer.add_block(task, doc_id, self.checkpoint, placement, layer, position[rows],
-                                          kind[rows], experts[rows], weights[rows], probs[rows])
+                                          kind[rows], experts[rows], weights[rows], probs[rows],
+                                          images=image[rows], crops=crop[rows])
 
     # ------------------------------------------------------------------ likelihood
     @torch.no_grad()

@@ -8,6 +8,8 @@ One evaluation run writes one Parquet dataset, ``<output_path>/traces/part-00000
     checkpoint  string     checkpoint name or path
     placement   string     "vision" | "projector" | "llm"
     layer       int32      MoE layer index inside that placement
+    image       int32      image index in the document (vision/projector rows, llm image tokens); -1 text
+    crop        int32      0 = the whole image, 1.. = its S^2 tiles (vision rows); 0 elsewhere
     position    int32      token position in the sequence the layer saw
     token_kind  string     "image" | "text" | "generated"
     experts     list<int32>    the k selected experts, in router order
@@ -30,6 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..analysis.read import with_legacy_columns
+from ..analysis.schema import TRACE_SCHEMA
+
 __all__ = [
     "PLACEMENTS",
     "TOKEN_KINDS",
@@ -42,24 +47,19 @@ PLACEMENTS = ("vision", "projector", "llm")
 #: Token kinds; an integer code ``i`` in ``token_kinds`` means ``TOKEN_KINDS[i]``.
 TOKEN_KINDS = ("image", "text", "generated")
 
-TRACE_SCHEMA = pa.schema(
-    [
-        pa.field("task", pa.string()),
-        pa.field("doc_id", pa.int64()),
-        pa.field("checkpoint", pa.string()),
-        pa.field("placement", pa.string()),
-        pa.field("layer", pa.int32()),
-        pa.field("position", pa.int32()),
-        pa.field("token_kind", pa.string()),
-        pa.field("experts", pa.list_(pa.int32())),
-        pa.field("weights", pa.list_(pa.float32())),
-        pa.field("probs", pa.list_(pa.float32())),
-        pa.field("num_experts", pa.int32()),
-    ]
-)
 
 _TOKEN_KIND_DICT = pa.array(TOKEN_KINDS, pa.string())
 _TOKEN_KIND_CODE = {kind: i for i, kind in enumerate(TOKEN_KINDS)}
+
+
+def _per_token(values, n: int, name: str) -> np.ndarray:
+    """``[n]`` int32 values from one value for the block or ``n`` values."""
+    arr = _to_numpy(values, np.int32).reshape(-1)
+    if arr.shape[0] == 1:
+        return np.repeat(arr, n)
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} must be one value or {n} values, got {arr.shape[0]}")
+    return arr
 
 
 def _to_numpy(x, dtype) -> np.ndarray:
@@ -138,6 +138,8 @@ class TraceWriter:
         weights,
         probs=None,
         num_experts: int | None = None,
+        images=0,
+        crops=0,
     ) -> None:
         """Append one block of ``n`` tokens routed by one layer.
 
@@ -149,6 +151,8 @@ class TraceWriter:
             weights: ``[n, k]`` combine weights.
             probs: ``[n, E]`` router probabilities, or ``None`` (written as null).
             num_experts: ``E``; taken from ``probs`` when given, required otherwise.
+            images: image index in the document, one for the block or ``[n]`` (-1: a text token).
+            crops: 0 = the whole image, 1.. = its S^2 tiles; one for the block or ``[n]``.
 
         Arrays may be numpy arrays or torch tensors (any device).
         """
@@ -190,6 +194,8 @@ class TraceWriter:
                 pa.repeat(pa.scalar(checkpoint, pa.string()), n),
                 pa.repeat(pa.scalar(placement, pa.string()), n),
                 pa.repeat(pa.scalar(int(layer), pa.int32()), n),
+                pa.array(_per_token(images, n, "images"), pa.int32()),
+                pa.array(_per_token(crops, n, "crops"), pa.int32()),
                 pa.array(pos, pa.int32()),
                 self._token_kind_array(token_kinds, n),
                 _fixed_size_lists(exp, pa.int32()),
@@ -267,6 +273,10 @@ def read_traces(root: str | os.PathLike, columns: Sequence[str] | None = None) -
     parts = sorted(root.glob("*.parquet"))
     if not parts:
         raise FileNotFoundError(f"no trace parts (*.parquet) in {root}")
-    if columns is None:  # normalise list field names ("element" after a Parquet round trip)
-        return pa.concat_tables([pq.read_table(p).cast(TRACE_SCHEMA) for p in parts])
-    return pa.concat_tables([pq.read_table(p, columns=list(columns)) for p in parts])
+    names = list(TRACE_SCHEMA.names if columns is None else columns)
+    tables = []
+    for part in parts:  # traces written before the image/crop columns get them filled in
+        present = [c for c in names if c in pq.read_schema(part).names]
+        table = with_legacy_columns(pq.read_table(part, columns=present), names)
+        tables.append(table.cast(TRACE_SCHEMA) if columns is None else table)  # normalises list field names
+    return pa.concat_tables(tables)
