@@ -44,6 +44,31 @@ def test_batch_size_does_not_change_greedy_answers(model):
         assert torch.equal(alone[0], together[i]), f"sample {i}: {alone[0].tolist()} vs {together[i].tolist()}"
 
 
+@pytest.mark.parametrize("expand", [{"num_beams": 2, "num_return_sequences": 2}, {"num_beams": 3}])
+def test_beam_search_gives_every_copy_of_a_sample_its_own_images(model, expand):
+    # Beams copy each sample; the copies of the two-image sample must see images (2, 3), not
+    # (2, 2) and (3, 3). Oracle: each sample generated alone with the same beams.
+    processor = build_processor("tiny")
+    prompts, images = samples()
+    order = [3, 2, 0]  # two images, none, one
+    batch = processor([prompts[i] for i in order], [images[i] for i in order], padding_side="left")
+    seen = []
+    hook = model.vision_tower.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    try:
+        together = model.generate(**batch, max_new_tokens=5, do_sample=False, **expand)[:, -5:]
+    finally:
+        hook.remove()
+    beams, copies = expand["num_beams"], expand.get("num_return_sequences", 1)
+    first = batch["pixel_values"]  # [3 images: sample 3's two, sample 0's one]
+    expected = [0, 1] * beams + [2] * beams
+    fed = [int(torch.stack([(x - img).abs().sum() for img in first]).argmin()) for x in seen[0]]
+    assert fed == expected
+    for row, i in enumerate(order):
+        one = processor([prompts[i]], [images[i]])
+        alone = model.generate(**one, max_new_tokens=5, do_sample=False, **expand)[:, -5:]
+        assert torch.equal(alone, together[row * copies:(row + 1) * copies]), f"sample {i}"
+
+
 def test_routing_capture_records_tokens_and_kinds(model):
     processor = build_processor("tiny")
     prompts, images = samples()

@@ -105,6 +105,23 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
                              "pass strict=False to load anyway with those weights random")
         return (model, info) if wants_info else model
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and ``num_return_sequences`` repeat every sample ``expand_size`` times; rows
+        of ``pixel_values`` are images, not samples, so each sample's block of images is repeated
+        (transformers' row-wise repeat gave a two-image sample's copies images (0, 0) and (1, 1))."""
+        pixel_values = model_kwargs.pop("pixel_values", None)  # [N_images, 3, H, W]
+        if expand_size > 1 and pixel_values is not None and input_ids is not None:
+            mask = self.image_token_mask(input_ids, pixel_values.shape[0], model_kwargs.get("image_counts"))
+            per_sample = (mask.sum(-1) // self.num_image_tokens).tolist()  # [B] images of each sample
+            blocks = torch.split(pixel_values, per_sample)
+            pixel_values = torch.cat([block for block in blocks for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
     @property
     def num_image_tokens(self) -> int:
         return self.config.num_image_tokens
