@@ -159,6 +159,46 @@ def test_gradient_checkpointing_recomputes_with_the_same_mask():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("second_lengths", [[9, 5], [3, 4]], ids=["same-shape", "shorter"])
+@pytest.mark.parametrize("enable", ["activation", "gradient", "user_context_fn"])
+def test_two_forwards_before_one_backward_recompute_each_with_its_own_mask(second_lengths, enable):
+    # Two forwards, one backward (summed micro-batch losses, chosen/rejected pairs): the first
+    # forward's checkpointed layers are recomputed after the second forward replaced the masks.
+    first = text_batch([5, 9], 9, "right")
+    second = text_batch(second_lengths, max(second_lengths), "right")
+    entered = []
+
+    def user_context_fn():  # a context_fn of the user's own still runs
+        from contextlib import contextmanager
+
+        @contextmanager
+        def mark():
+            entered.append(1)
+            yield
+
+        return mark(), mark()
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model("tiny", moe_llm_layers="all", noise=0.5).train()
+        if checkpointing and enable == "activation":
+            model.activation_checkpointing_enable()
+        elif checkpointing and enable == "gradient":  # transformers' deprecated alias
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"context_fn": user_context_fn})
+        loss = 0
+        for ids, mask, _ in (first, second):
+            loss = loss + model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(".router." in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    assert enable != "user_context_fn" or len(entered) > 0
+
+
 def test_auxfree_counts_each_token_once_under_gradient_checkpointing():
     """The checkpoint's recompute in backward routes the same tokens again; the load counts them once."""
     ids, mask, _ = text_batch([5, 9], 9, "right")

@@ -7,7 +7,9 @@ tokens, HF-LLaVA style, so KV-cache generation and left padding need nothing spe
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +88,16 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
 
     def get_decoder(self):
         return self.language_model.get_decoder()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """transformers' checkpointing, non-reentrant by default, where a segment's recompute sees
+        the padding masks of its own forward: every forward replaces the MoE layers' ``token_mask``,
+        so with two forwards before one backward the first was recomputed with the second's
+        (wrong gradients, or a shape error). A ``context_fn`` of your own still applies."""
+        options = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if not options["use_reentrant"]:
+            options["context_fn"] = partial(_token_mask_contexts, self, options.get("context_fn"))
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
@@ -240,6 +252,28 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         total = torch.stack([v.float() for v in weighted.values()]).sum()
         terms = {k: torch.stack(v).float().mean() for k, v in sums.items()}
         return total, weighted, terms
+
+
+def _token_mask_contexts(model, user_context_fn=None):
+    """``torch.utils.checkpoint`` context_fn: (forward context, recompute context); the recompute
+    runs with the MoE layers' token masks as they were when this segment ran forward."""
+    forward_ctx, recompute_ctx = user_context_fn() if user_context_fn else (nullcontext(), nullcontext())
+    masks = {layer: layer.token_mask for _, _, layer in placed_moe_layers(model)}
+
+    @contextmanager
+    def with_forward_masks():
+        current = {layer: layer.token_mask for layer in masks}
+        with ExitStack() as stack:
+            stack.enter_context(recompute_ctx)
+            for layer, mask in masks.items():
+                layer.token_mask = mask
+            try:
+                yield
+            finally:
+                for layer, mask in current.items():
+                    layer.token_mask = mask
+
+    return forward_ctx, with_forward_masks()
 
 
 def _check_checkpoint(path: str, kwargs: dict) -> None:
