@@ -61,7 +61,7 @@ def test_hub_preset_from_local_directories(tmp_path):
                                                   num_attention_heads=4, image_size=28, patch_size=14))
     llm = Phi3ForCausalLM(Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
-                                     bos_token_id=0, eos_token_id=0))
+                                     bos_token_id=0, eos_token_id=0)).to(torch.bfloat16)  # as Phi-3.5 ships
     vision.save_pretrained(tmp_path / "vision")
     llm.save_pretrained(tmp_path / "llm")
     tok.save_pretrained(tmp_path / "llm")
@@ -73,7 +73,13 @@ def test_hub_preset_from_local_directories(tmp_path):
                         moe_llm_layers=[1])
     assert len(model.vision_tower.layers) == 2 and model.projector[0].in_features == 64  # 2 scales x 32
     assert torch.equal(model.vision_tower.layers[1].self_attn.q_proj.weight, vision.encoder.layers[1].self_attn.q_proj.weight)
-    assert torch.equal(model.language_model.model.layers[1].mlp.experts.w_in[0], llm.model.layers[1].mlp.gate_up_proj.weight.t())
+    assert torch.equal(model.language_model.model.layers[1].mlp.experts.w_in[0],
+                       llm.model.layers[1].mlp.gate_up_proj.weight.t().float())
+    # one dtype throughout (fp32 by default, not the checkpoints' own: a bf16 LLM beside an fp32 tower)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    half = build_model("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm",
+                       dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     processor = build_processor("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm")
     from PIL import Image
 

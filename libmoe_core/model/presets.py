@@ -187,6 +187,8 @@ def build_model(
     ``projector_type``, ``vision_scales``) and ``vision_config`` / ``text_config`` dicts
     merged into the preset's sub-configs (e.g. ``text_config={"model_type": "llama"}``).
     ``load_weights`` applies to hub presets (the tiny preset is always random).
+    ``dtype``: of the whole model, fp32 by default (hub checkpoints are loaded in it, not in
+    their own dtypes: Phi-3.5 ships bf16, SigLIP fp32).
     """
     spec = get_preset(preset)
     attn = resolve_attn_implementation(attn_implementation)
@@ -232,8 +234,10 @@ def _hub_vision_config(path: str):
 
 
 def _build_from_hub(spec: Preset, vision_path, llm_path, fields: dict, attn: str, dtype):
-    """Pretrained tower + LLM (from the hub or local dirs), fresh projector."""
+    """Pretrained tower + LLM (from the hub or local dirs), fresh projector, all in ``dtype``."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = dtype or torch.float32  # transformers would load each checkpoint in its own dtype
 
     vision, llm = _hub_paths(spec, vision_path, llm_path)
     vision_cfg = _hub_vision_config(vision)
@@ -254,7 +258,7 @@ def _build_from_hub(spec: Preset, vision_path, llm_path, fields: dict, attn: str
     projector = build_projector(config.projector_type, config.vision_feature_width, config.text_config.hidden_size)
     for module in projector.modules():
         model._init_weights(module)
-    model.projector = projector.to(dtype or torch.float32)
+    model.projector = projector.to(dtype)
     llm_gen = model.language_model.generation_config
     if llm_gen.eos_token_id is not None:
         model.generation_config.eos_token_id = llm_gen.eos_token_id
