@@ -55,6 +55,40 @@ def test_auxfree_bias_stays_fp32_in_a_bf16_load(tmp_path):
         assert layer.router.selection_bias.tolist() == [torch.tensor(0.6 + 1e-3 * i).item()] * 4
 
 
+def test_auxfree_bias_is_exact_through_a_cast_and_back(tmp_path):
+    # model.to(bf16) keeps the bias fp32; it must not round it through bf16 on the way (0.7001 -> 0.6992)
+    from libmoe_core.model.modeling import placed_moe_layers
+
+    model = build_model("tiny", moe_llm_layers="all", router="auxfree")
+    with torch.no_grad():
+        for _, _, layer in placed_moe_layers(model):
+            layer.router.selection_bias.fill_(0.7001)
+    model.to(torch.bfloat16).float()
+    model.save_pretrained(tmp_path)
+    for m in (model, LibMoEVLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)):
+        for _, _, layer in placed_moe_layers(m):
+            assert layer.router.selection_bias.dtype == torch.float32
+            assert layer.router.selection_bias.tolist() == [torch.tensor(0.7001).item()] * 4
+
+
+def test_hyper_routers_hypernetwork_stays_frozen_after_loading(tmp_path):
+    from libmoe_core.train.stages import set_trainable
+
+    model = build_model("tiny", moe_llm_layers="all", router="hyper")
+    def frozen(m):
+        return [n for n, p in m.named_parameters() if ".hypernet." in n and not p.requires_grad]
+    def hypernet(m):
+        return [n for n, _ in m.named_parameters() if ".hypernet." in n]
+    assert frozen(model) == hypernet(model) != []
+    model.save_pretrained(tmp_path)
+    loaded = LibMoEVLMForCausalLM.from_pretrained(tmp_path)
+    assert frozen(loaded) == hypernet(loaded)
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if ".embedding" in n)  # the trained part
+    set_trainable(loaded, "sft")
+    assert frozen(loaded) == hypernet(loaded)
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if ".hypernet." not in n)
+
+
 def test_auto_classes_load_after_import(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 

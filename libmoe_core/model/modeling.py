@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..tokens import IGNORE_INDEX
 from .config import PLACEMENTS, LibMoEVLMConfig
-from .placement import apply_placement, placed_moe_layers, restore_router_buffers
+from .placement import apply_placement, freeze_fixed_router_parts, placed_moe_layers, restore_router_buffers
 from .projector import build_projector
 from .vision import VisionTower
 
@@ -110,6 +110,7 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         restore_router_buffers(model)
+        freeze_fixed_router_parts(model)  # loading made every parameter trainable
         mismatch = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if strict and any(mismatch.values()):
             details = "; ".join(f"{k}: {', '.join(v[:6])}{' ...' if len(v) > 6 else ''}" for k, v in mismatch.items() if v)

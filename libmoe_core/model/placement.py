@@ -158,6 +158,12 @@ def restore_router_buffers(model) -> None:
             setattr(router, buf, value.to(getattr(router, buf).device))
 
 
+def freeze_fixed_router_parts(model) -> None:
+    """Re-freeze every router's fixed submodules (loading or ``requires_grad_(True)`` unfreezes them)."""
+    for _, _, layer in placed_moe_layers(model):
+        layer.router.freeze_fixed()
+
+
 def upcycle(
     model,
     *,

@@ -112,6 +112,8 @@ class Router(nn.Module):
     #: Floating buffers of non-gradient router state that stay fp32 when the model is
     #: cast (``model.to(torch.bfloat16)``): a bf16 bias cannot take small steps.
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
+    #: Submodules that never train (the hyper router's fixed hypernetwork): see :meth:`freeze_fixed`.
+    fixed_submodules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -142,6 +144,12 @@ class Router(nn.Module):
                 f"router '{self.name}': top_k={top_k} exceeds the {self.num_choices} choosable slots "
                 f"(num_experts={num_experts}); use top_k <= {self.num_choices}"
             )
+
+    def freeze_fixed(self) -> None:
+        """``requires_grad = False`` on the :attr:`fixed_submodules` (after building, after loading,
+        and after a training stage makes everything else trainable)."""
+        for name in self.fixed_submodules:
+            getattr(self, name).requires_grad_(False)
 
     # ---- structure (override where a router has extra slots)
     @property
@@ -238,12 +246,15 @@ class Router(nn.Module):
         return out
 
     def _apply(self, fn, recurse: bool = True):
-        """Module casts and moves; the :attr:`fp32_buffers` are cast back to fp32."""
-        super()._apply(fn, recurse)
-        for name in self.fp32_buffers:
-            buf = self._buffers.get(name)
-            if buf is not None and buf.dtype != torch.float32:
-                self._buffers[name] = buf.float()
+        """Module casts and moves; the :attr:`fp32_buffers` move but stay fp32 (exactly: not
+        cast to the new dtype and back)."""
+        kept = {name: self._buffers.pop(name) for name in self.fp32_buffers if self._buffers.get(name) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in kept.items():
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == torch.float32 else buf.to(device=moved.device)
         return self
 
     def ffn_ids(self, experts: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,8 @@ class HyperRouter(Router):
     :meth:`set_step`. Evaluation uses the configured ``top_k``.
     """
 
+    fixed_submodules = ("hypernet",)
+
     def __init__(self, hidden_size, num_experts, top_k, *, k_min: int = 1, k_max: int | None = None, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)
         k_max = top_k if k_max is None else k_max
@@ -125,7 +127,7 @@ class HyperRouter(Router):
         self.reset_normal(self.hypernet[2].weight, std=self.init_std * (2.0 / hidden) ** 0.5)
         for layer in (self.hypernet[0], self.hypernet[2]):
             nn.init.zeros_(layer.bias)
-        self.hypernet.requires_grad_(False)
+        self.freeze_fixed()
 
     def set_step(self, step: int, total_steps: int) -> None:
         self.step, self.total_steps = int(step), int(total_steps)

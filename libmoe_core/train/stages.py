@@ -105,8 +105,10 @@ def set_trainable(model, stage: str) -> None:
         model.requires_grad_(False)
         model.projector.requires_grad_(True)
         return
-    for name, param in model.named_parameters():
-        param.requires_grad_(".hypernet." not in name)  # the hyper router's hypernetwork is frozen by design
+    from ..model.placement import freeze_fixed_router_parts
+
+    model.requires_grad_(True)
+    freeze_fixed_router_parts(model)  # e.g. the hyper router's hypernetwork, frozen by design
 
 
 def trainable_summary(model) -> dict:
