@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     from libmoe_core.moe import MoELayer
     from libmoe_core.train import checkpoints
     from libmoe_core.train.config import TrainConfig, validate
+    from libmoe_core.train.stage_folder import write_run_info
     from libmoe_core.train.stages import dataset_files, load_stage_model, stage_template, trainable_summary
     from libmoe_core.train.trainer import (
         AtomicCheckpointCallback,
@@ -147,6 +148,7 @@ def main(argv=None) -> int:
     trainer.save_model(str(staging))  # gathers ZeRO-3 shards into full HF weights
     if trainer.is_world_process_zero():
         processor.save_pretrained(staging)
+        write_run_info(staging, cfg, trainer.state.global_step)  # a resume of this config then has nothing to do
         checkpoints.publish_dir(staging, cfg.final_dir)
         log.info("final model: %s", cfg.final_dir)
     trainer.accelerator.wait_for_everyone()

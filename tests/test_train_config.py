@@ -99,3 +99,76 @@ def test_checkpoint_marker_and_rotation(tmp_path):
     checkpoints.unmark(tmp_path / "checkpoint-6")
     assert checkpoints.last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
     assert checkpoints.last_complete_checkpoint(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"preset": "Tiny"}, "unknown preset 'Tiny'"),  # was: the seed recipe's lr / ZeRO / length, silently
+    ({"num_train_epochs": 0}, "num_train_epochs must be > 0"),  # was: 0 steps and the start model published
+    ({"num_train_epochs": -1}, "num_train_epochs must be > 0"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite"),
+    ({"max_samples": -5}, "max_samples must be >= 1"),  # was: all records but the last 5
+    ({"max_samples": 0}, "max_samples must be >= 1"),
+    ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+    ({"max_grad_norm": -1.0}, "max_grad_norm must be >= 0"),
+    ({"dataloader_num_workers": -2}, "dataloader_num_workers must be >= 0"),
+    ({"save_total_limit": 0}, "save_total_limit must be >= 1"),
+    ({"lr_scheduler_type": "cosinee"}, "lr_scheduler_type must be one of"),  # was: an error in the worker
+    ({"moe_llm_layers": "evry_other"}, "moe_llm_layers must be"),
+    ({"moe_llm_layers": 3.5}, "moe_llm_layers must be"),
+    ({"moe_llm_layers": [0.5, 2]}, "moe_llm_layers must be"),
+    ({"moe_llm_layers": [True]}, "moe_llm_layers must be"),
+    ({"moe_llm_layers": {"layers": "all", "topk": 1}}, "unknown field"),
+])
+def test_bad_values_are_refused_before_launch(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config("sft", overrides=overrides)
+
+
+def test_good_llm_layer_forms_pass():
+    for value in (None, True, False, "all", "every_other", "second_half", [0, 2], {"layers": [1], "top_k": 1}):
+        assert resolve_config("sft", overrides={"moe_llm_layers": value}).moe_llm_layers == value
+
+
+def test_a_saved_config_reused_with_another_router_gets_that_routers_folder(tmp_path):
+    saved = resolve_config("sft", overrides={"router": "smoe", "run_dir": str(tmp_path)})
+    saved.save(tmp_path / "config.yaml")
+    again = resolve_config("sft", str(tmp_path / "config.yaml"), {"router": "sigmoid"})
+    assert again.stage_dir.name == "sft-sigmoid"  # was sft-smoe: it would overwrite the smoe run
+    assert resolve_config("sft", str(tmp_path / "config.yaml")).stage_dir.name == "sft-smoe"
+    # a LibMoE alias names the folder after our router, where the pipeline and eval look
+    assert resolve_config("sft", overrides={"router": "smoe_sigmoidgating"}).stage_dir.name == "sft-sigmoid"
+    # an explicit tag of one's own is kept
+    tagged = resolve_config("sft", overrides={"router": "smoe", "stage_tag": "mine", "run_dir": str(tmp_path)})
+    tagged.save(tmp_path / "tagged.yaml")
+    assert resolve_config("sft", str(tmp_path / "tagged.yaml"), {"router": "cosine"}).stage_dir.name == "sft-mine"
+
+
+def test_a_bad_value_in_a_config_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("top_k: two\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: training config key 'top_k' must be int"):
+        resolve_config("sft", str(f))
+    with pytest.raises(FileNotFoundError, match="training config file not found"):
+        resolve_config("sft", str(tmp_path / "missing.yaml"))
+    f.write_text("top_k: [1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: not valid YAML"):
+        resolve_config("sft", str(f))
+
+
+def test_libmoe_train_reports_config_errors_without_a_traceback(tmp_path, capsys):
+    from libmoe_core.cli import main
+
+    assert main(["train", "--stage", "sft", "--set", "top_k=two"]) == 2
+    assert "libmoe train: error: training config key 'top_k' must be int" in capsys.readouterr().err
+    assert main(["train", "--stage", "sft", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "training config file not found" in capsys.readouterr().err
+
+
+def test_build_easyvqa_refuses_a_non_positive_image_count(tmp_path, capsys):
+    from libmoe_core.cli import main
+
+    for n in ("0", "-3"):  # 0 built the whole dataset, -3 all but the last 3 images
+        assert main(["data", "build-easyvqa", str(tmp_path / "out"), "--max-images", n]) == 2
+        assert "max_images must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -162,19 +162,19 @@ def test_interrupted_launch_stops_training(tmp_path, fake_launcher, monkeypatch)
 
 def test_second_launch_on_a_busy_stage_folder_is_a_clear_failure(tmp_path, monkeypatch):
     from libmoe_core.train import launch as launch_module
+    from libmoe_core.train.stage_folder import StageFolderError
 
     cfg = resolve_config("pretrain", overrides={"run_dir": str(tmp_path / "run")})
     cfg.stage_dir.mkdir(parents=True)
-    real_guard_command = launch_module.guard_command
     monkeypatch.setattr(launch_module, "build_command", lambda *a, **k: [sys.executable, "-c", "print('trained')"])
-    monkeypatch.setattr(launch_module, "guard_command", lambda cmd, lock: real_guard_command(cmd, lock, lock_wait_s=0.3))
+    monkeypatch.setattr(launch_module, "STAGE_LOCK_WAIT_S", 0.3)
     held = acquire_stage_lock(cfg.stage_dir / launch_module.STAGE_LOCK_NAME, wait_s=0)
     try:
-        with pytest.raises(launch_module.TrainingFailed, match="in use by another training run") as err:
+        with pytest.raises(StageFolderError, match=f"in use by another training run \\(guard pid {os.getpid()}\\)"):
             launch_module.launch(cfg, on_line=lambda line: None)
-        assert err.value.returncode == LOCK_BUSY_EXIT
     finally:
         os.close(held)
+    assert not (cfg.stage_dir / "config.yaml").exists()  # refused before anything was written
 
 
 def test_guard_command_follows_this_process():

@@ -95,6 +95,10 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert not killed.final_dir.exists(), "the run finished before it could be killed"
 
     launch(killed, resume=True, on_line=lambda line: None)
+    assert json.loads((killed.final_dir / "libmoe_run.json").read_text())["global_step"] == 10
+    lines = (killed.stage_dir / "metrics.jsonl").read_text()
+    launch(killed, resume=True, on_line=lambda line: None)  # finished: nothing more is trained
+    assert (killed.stage_dir / "metrics.jsonl").read_text() == lines
     a, b = metrics(straight.stage_dir), metrics(killed.stage_dir)
     assert sorted(b) == list(range(1, 11))
     for step in range(4, 11):

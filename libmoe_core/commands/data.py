@@ -112,7 +112,11 @@ def run_build_easyvqa(args) -> int:
 
     from ..data.easyvqa import build_easyvqa
 
-    meta = build_easyvqa(args.out_dir, max_images=args.max_images, qa_per_record=args.qa_per_record)
+    try:
+        meta = build_easyvqa(args.out_dir, max_images=args.max_images, qa_per_record=args.qa_per_record)
+    except ValueError as e:
+        print(f"libmoe data build-easyvqa: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(meta["splits"], indent=1))
     print(f"written to {args.out_dir}")
     return 0

@@ -1,5 +1,7 @@
 """``libmoe train``: run one training stage under DeepSpeed."""
 
+import sys
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train one stage (pretrain | pft | sft) under DeepSpeed")
@@ -17,16 +19,20 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..train.config import parse_overrides, resolve_config
     from ..train.launch import TrainingFailed, launch
+    from ..train.stage_folder import StageFolderError
 
-    overrides = parse_overrides(args.overrides)
-    for key, value in (("num_procs", args.num_procs), ("zero_stage", args.zero), ("hostfile", args.hostfile)):
-        if value is not None:
-            overrides[key] = value
-    cfg = resolve_config(args.stage, args.config, overrides)
     try:
+        overrides = parse_overrides(args.overrides)
+        for key, value in (("num_procs", args.num_procs), ("zero_stage", args.zero), ("hostfile", args.hostfile)):
+            if value is not None:
+                overrides[key] = value
+        cfg = resolve_config(args.stage, args.config, overrides)
         final = launch(cfg, resume=args.resume)
     except TrainingFailed as err:
         print(f"\nlibmoe train: {err}")
         return 1
+    except (ValueError, OSError, StageFolderError) as err:  # bad config, missing file, busy or earlier run
+        print(f"libmoe train: error: {err}", file=sys.stderr)
+        return 2
     print(f"\nlibmoe train: {cfg.stage} finished; model in {final}")
     return 0

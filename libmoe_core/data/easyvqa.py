@@ -152,6 +152,8 @@ def build_easyvqa(out_dir: str | Path, *, max_images: int | None = None, qa_per_
     """
     if qa_per_record < 1:
         raise ValueError("qa_per_record must be >= 1")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"max_images must be >= 1 or None (all images), got {max_images}")
     out = Path(out_dir)
     meta: dict = {"name": "easyvqa", "format_version": FORMAT_VERSION, "source": "easy-vqa==1.0 (pip)",
                   "qa_per_record": qa_per_record,
@@ -159,7 +161,7 @@ def build_easyvqa(out_dir: str | Path, *, max_images: int | None = None, qa_per_
     digests: dict[str, set[str]] = {}
     for split in ("train", "test"):
         per_image, paths = _load_split(split)
-        image_ids = sorted(per_image)[:max_images] if max_images else sorted(per_image)
+        image_ids = sorted(per_image)[:max_images]  # max_images None: all
         missing = [i for i in image_ids if i not in paths]
         if missing:
             raise FileNotFoundError(f"easy-vqa {split}: no image file for ids {missing[:10]}")

@@ -8,6 +8,7 @@ checked against its field's type; an unknown or ill-typed key is an error naming
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -180,19 +181,66 @@ def resolve_config(stage: str, config_file: str | None = None, overrides: dict |
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGES)}")
     values: dict = {}
     if config_file:
-        loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config_file}: a training config must be a mapping of keys to values")
+        loaded = _load_config_file(config_file)
+        if stage == "sft" and loaded.get("stage_tag") and loaded.get("stage_tag") == _router_tag(loaded.get("router")):
+            del loaded["stage_tag"]  # a saved config's default tag: the (possibly overridden) router decides
         values.update(loaded)
     values.update(overrides or {})
+    from ..model.presets import get_preset
+
     preset = values.get("preset", TrainConfig.preset)
+    get_preset(preset)  # an unknown preset is an error, not the seed recipe's defaults
     defaults = dict(TINY_RECIPE if preset == "tiny" else SEED_RECIPE)[stage]
     merged = {**defaults, **values, "stage": stage}
     if stage == "sft" and not merged.get("stage_tag"):
-        merged["stage_tag"] = merged.get("router", TrainConfig.router)  # one sft folder per router
-    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
-    validate(cfg)
+        merged["stage_tag"] = _router_tag(merged.get("router", TrainConfig.router))  # one sft folder per router
+    try:
+        cfg = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+        validate(cfg)
+    except ValueError as err:
+        from_file = set(loaded) - set(overrides or {}) if config_file else set()
+        if any(repr(key) in str(err) or str(err).startswith(key) for key in from_file):
+            raise ValueError(f"{config_file}: {err}") from None  # the bad value came from this file
+        raise
     return cfg
+
+
+def _load_config_file(path: str) -> dict:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"training config file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: a training config must be a mapping of keys to values")  # noqa: TRY004
+    return loaded
+
+
+def _router_tag(router) -> str:
+    """The sft folder tag of a router: its canonical name (``smoe_sigmoidgating`` -> ``sigmoid``)."""
+    from ..moe import resolve_router_name
+
+    try:
+        return resolve_router_name(router or TrainConfig.router)
+    except (KeyError, ValueError):
+        return str(router)  # validate() reports the unknown router
+
+
+def _check_llm_layers(value) -> None:
+    """``moe_llm_layers``' form (the range is checked against the model before launch)."""
+    from ..model.placement import LAYER_SHORTCUTS, SPEC_DEFAULTS
+
+    layers = value.get("layers", "all") if isinstance(value, dict) else value
+    if isinstance(value, dict) and set(value) - set(SPEC_DEFAULTS):
+        raise ValueError(f"moe_llm_layers: unknown field(s) {sorted(set(value) - set(SPEC_DEFAULTS))}; "
+                         f"known: {sorted(SPEC_DEFAULTS)}")
+    if layers is None or isinstance(layers, bool) or layers in LAYER_SHORTCUTS:
+        return
+    if not isinstance(layers, list) or not layers or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+        raise ValueError(f"moe_llm_layers must be None, true, one of {LAYER_SHORTCUTS}, a non-empty list of layer "
+                         f"indices >= 0 or a placement dict, got {value!r}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -209,9 +257,26 @@ def validate(cfg: TrainConfig) -> None:
                  "logging_steps", "save_steps", "max_length"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)!r}")
+    if not math.isfinite(cfg.learning_rate):
+        raise ValueError(f"learning_rate must be a finite number > 0, got {cfg.learning_rate!r}")
+    if not (math.isfinite(cfg.num_train_epochs) and cfg.num_train_epochs > 0):
+        raise ValueError(f"num_train_epochs must be > 0, got {cfg.num_train_epochs!r} (max_steps > 0 overrides it)")
     for name in ("balance_coef", "z_coef"):
         if getattr(cfg, name) is not None and not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} must be >= 0 or None (the router's default), got {getattr(cfg, name)!r}")
+    for name in ("weight_decay", "max_grad_norm", "dataloader_num_workers"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    if cfg.save_total_limit < 1:
+        raise ValueError(f"save_total_limit must be >= 1 (resuming needs a checkpoint), got {cfg.save_total_limit!r}")
+    if cfg.max_samples is not None and cfg.max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None (all records), got {cfg.max_samples!r}")
+    from transformers import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if cfg.lr_scheduler_type not in schedulers:
+        raise ValueError(f"lr_scheduler_type must be one of {schedulers}, got {cfg.lr_scheduler_type!r}")
+    _check_llm_layers(cfg.moe_llm_layers)
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:

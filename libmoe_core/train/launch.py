@@ -12,11 +12,13 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from . import stage_folder
 from .config import TrainConfig
 from .cpus import available_cpus
-from .guard import guard_command
+from .guard import acquire_stage_lock, guard_command
 
 STAGE_LOCK_NAME = ".train.lock"
+STAGE_LOCK_WAIT_S = 60.0  # how long a launch waits for an earlier run on the same folder to stop
 
 ZERO_CONFIG_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_offload.json"}
 TRAIN_ENTRY = Path(__file__).resolve().parents[2] / "runners" / "train.py"
@@ -86,25 +88,52 @@ def stop_guarded_run(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
         proc.wait()
 
 
+def prepare_stage_folder(cfg: TrainConfig, resume: bool, say=print) -> bool:
+    """Check the stage folder against this launch (see :mod:`.stage_folder`) under its lock and
+    write the config; False when a resume finds the run already finished."""
+    try:
+        lock = acquire_stage_lock(cfg.stage_dir / STAGE_LOCK_NAME, STAGE_LOCK_WAIT_S, say=say)
+    except TimeoutError as err:
+        raise stage_folder.StageFolderError(str(err)) from None
+    try:
+        if resume:
+            if stage_folder.finished(cfg):
+                return False
+            stage_folder.check_resume_config(cfg)
+            stage_folder.clear_for_restart(cfg)
+        else:
+            stage_folder.check_fresh_start(cfg)
+        cfg.save(cfg.stage_dir / "config.yaml")
+        return True
+    finally:
+        os.close(lock)
+
+
 def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None] | None = None) -> Path:
     """Write the resolved config, run the stage, stream lines to ``on_line`` and ``train.log``.
 
-    Returns the stage's final model folder; raises :class:`TrainingFailed` on failure.
+    Returns the stage's final model folder; raises :class:`TrainingFailed` on failure and
+    :class:`~.stage_folder.StageFolderError` when the folder holds a run this launch would mix
+    with (a fresh launch on an earlier run, a resume with a changed config, a run still going).
     """
-    from .stages import check_init_model, dataset_files
+    from .stages import check_init_model, check_moe_settings, dataset_files
 
     check_init_model(cfg)  # fail before starting processes
+    check_moe_settings(cfg)
     dataset_files(cfg)  # builds the embedded dataset once, here, before any rank needs it
     stage_dir = cfg.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = stage_dir / "config.yaml"
-    cfg.save(config_path)
+    emit = on_line or (lambda line: print(line, end="", flush=True))
+    if not prepare_stage_folder(cfg, resume, say=lambda message: emit(message + "\n")):
+        emit(f"{cfg.stage}: already finished with this config; model in {cfg.final_dir}\n")
+        return cfg.final_dir
     log_path = stage_dir / "train.log"
     tail: deque[str] = deque(maxlen=200)
-    emit = on_line or (lambda line: print(line, end="", flush=True))
     # The guard (own session, so a kernel's SIGKILL to its group misses it) stops the whole run
     # when this process is interrupted or dies, and keeps a second run off this stage folder.
-    command = guard_command(build_command(cfg, config_path, resume), lock=stage_dir / STAGE_LOCK_NAME)
+    command = guard_command(build_command(cfg, config_path, resume), lock=stage_dir / STAGE_LOCK_NAME,
+                            lock_wait_s=STAGE_LOCK_WAIT_S)
     with open(log_path, "a") as log, subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=launch_env(cfg.num_procs), start_new_session=True, bufsize=1,

@@ -72,6 +72,65 @@ def check_init_model(cfg: TrainConfig) -> str | None:
     return source
 
 
+def _start_model_config(cfg: TrainConfig) -> dict:
+    """The start model's saved config (``{}`` when the stage builds the preset)."""
+    source = cfg.resolved_init_from()
+    path = Path(source) / "config.json" if source is not None else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def _configured_moe(cfg: TrainConfig, placement: str) -> dict | None:
+    """(router, num_experts, top_k) the config asks for at ``placement`` (None: no MoE there)."""
+    from ..moe import resolve_router_name
+
+    value = {"vision": cfg.moe_vision, "projector": cfg.moe_projector, "llm": cfg.moe_llm_layers}[placement]
+    if value is None or value is False:
+        return None
+    own = value if isinstance(value, dict) else {}
+    return {"router": resolve_router_name(own.get("router", cfg.router)), "num_experts": own.get("num_experts", cfg.num_experts),
+            "top_k": own.get("top_k", cfg.top_k)}
+
+
+def moe_mismatches(cfg: TrainConfig, moe: dict) -> list[str]:
+    """How a start model that already has MoE (``config.moe``) differs from the config's MoE settings."""
+    from ..moe import resolve_router_name
+
+    problems = []
+    for placement in ("vision", "projector", "llm"):
+        want, have = _configured_moe(cfg, placement), (moe or {}).get(placement)
+        if (want is None) != (have is None):
+            problems.append(f"{placement}: {'MoE' if have else 'no MoE'} in the model, "
+                            f"{'MoE' if want else 'no MoE'} in the config")
+            continue
+        if want is None:
+            continue
+        have = {**have, "router": resolve_router_name(have["router"])}
+        problems += [f"{placement} {key}: {have.get(key)!r} in the model, {value!r} in the config"
+                     for key, value in want.items() if have.get(key) != value]
+    return problems
+
+
+def check_moe_settings(cfg: TrainConfig) -> None:
+    """Before launch (sft): the LLM layers exist, and a start model that already has MoE matches
+    the config's MoE settings (it is trained as it is: a different router would be ignored)."""
+    if cfg.stage != "sft":
+        return
+    from ..model.placement import normalize_placement
+    from ..model.presets import get_preset
+
+    saved = _start_model_config(cfg)
+    if saved.get("moe"):
+        problems = moe_mismatches(cfg, saved["moe"])
+        if problems:
+            raise ValueError(f"sft starts from {cfg.resolved_init_from()}, which already has MoE, but the config "
+                             f"asks for other MoE settings ({'; '.join(problems)}); match them, or start from a "
+                             "dense (pft) model")
+        return
+    layers = (saved.get("text_config") or get_preset(cfg.preset).text_config).get("num_hidden_layers")
+    if layers:
+        normalize_placement(cfg.moe_llm_layers, "llm", layers)  # raises naming the layers out of range
+
+
 def load_stage_model(cfg: TrainConfig):
     """(model, processor) for the stage, with the stage's trainable parameters set."""
     from ..model import LibMoEVLMForCausalLM
@@ -95,6 +154,8 @@ def load_stage_model(cfg: TrainConfig):
         )
         if not model.config.moe:
             raise ValueError("sft needs at least one MoE placement: set moe_vision, moe_projector or moe_llm_layers")
+    elif cfg.stage == "sft" and moe_mismatches(cfg, model.config.moe):
+        raise ValueError(f"the start model's MoE differs from the config: {'; '.join(moe_mismatches(cfg, model.config.moe))}")
     set_trainable(model, cfg.stage)
     return model.to(training_dtype(cfg)), processor
 

@@ -1,0 +1,99 @@
+"""What a stage folder that already holds a run allows: a fresh start, a resume, or nothing.
+
+Checked by ``launch`` before any process starts:
+
+- a fresh run (no ``resume``) refuses a folder with an earlier run's checkpoints or metrics
+  (its checkpoints would be taken for the new run's: rotation deleted the new ones, and a
+  later resume continued the old run);
+- a resume refuses a config that changed beyond :data:`RESUME_MAY_CHANGE` (the optimizer
+  and scheduler state come from the checkpoint, so a new learning rate was silently ignored);
+- a resume of a finished run (``final/`` written by this very config) does nothing;
+- a resume without a complete checkpoint starts over, clearing the earlier run's metrics,
+  TensorBoard events and incomplete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from . import checkpoints
+from .config import TrainConfig
+
+#: Keys a resumed run may change (how long, how often to save and log, how to load).
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers", "hostfile",
+    "gradient_checkpointing", "run_dir",
+})
+RUN_INFO = "libmoe_run.json"  # written into final/ by the runner: the config that produced it
+
+
+class StageFolderError(RuntimeError):
+    """The stage folder holds a run that this launch would mix with."""
+
+
+def earlier_run(cfg: TrainConfig) -> list[str]:
+    """What of an earlier run's training state the stage folder holds (empty: nothing)."""
+    found = [path.name for _, path, _ in checkpoints.checkpoints(cfg.checkpoint_dir)]
+    metrics = cfg.stage_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append(metrics.name)
+    return found
+
+
+def check_fresh_start(cfg: TrainConfig) -> None:
+    found = earlier_run(cfg)
+    if found:
+        raise StageFolderError(
+            f"{cfg.stage_dir} holds an earlier run ({', '.join(found[:4])}{' ...' if len(found) > 4 else ''}); "
+            "resume it (--resume / resume=True), or start elsewhere (another run_name) or after deleting the folder"
+        )
+
+
+def config_changes(old: dict, new: TrainConfig) -> list[str]:
+    """Keys whose value differs between a saved config and ``new``, beyond :data:`RESUME_MAY_CHANGE`."""
+    current = new.to_dict()
+    keys = (set(old) | set(current)) - RESUME_MAY_CHANGE
+    return sorted(k for k in keys if old.get(k) != current.get(k))
+
+
+def check_resume_config(cfg: TrainConfig) -> None:
+    """A resume must train what the checkpoint was trained with (``config.yaml`` of the last launch)."""
+    saved = cfg.stage_dir / "config.yaml"
+    if checkpoints.last_complete_checkpoint(cfg.checkpoint_dir) is None or not saved.is_file():
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    changed = config_changes(old, cfg)
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k, None)!r}" for k in changed)
+        raise StageFolderError(
+            f"cannot resume {cfg.stage_dir} with a changed config ({details}); the checkpoint's optimizer and "
+            f"schedule would ignore it. Resume with the saved values, or start a new run "
+            f"(a resume may change only {', '.join(sorted(RESUME_MAY_CHANGE))})"
+        )
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """``final/`` was written by a run of this very config (nothing left to train)."""
+    info = cfg.final_dir / RUN_INFO
+    if not info.is_file() or not (cfg.final_dir / "config.json").is_file():
+        return False
+    produced_by = json.loads(info.read_text()).get("config", {})
+    return not config_changes(produced_by, cfg) and produced_by.get("max_steps") == cfg.max_steps
+
+
+def clear_for_restart(cfg: TrainConfig) -> None:
+    """A resume without a complete checkpoint starts over: drop the earlier run's progress."""
+    if checkpoints.last_complete_checkpoint(cfg.checkpoint_dir) is not None:
+        return
+    for _, path, _ in checkpoints.checkpoints(cfg.checkpoint_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    (cfg.stage_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(cfg.stage_dir / "tb", ignore_errors=True)
+
+
+def write_run_info(final_dir: Path, cfg: TrainConfig, global_step: int) -> None:
+    checkpoints.write_atomic(Path(final_dir) / RUN_INFO, json.dumps({"config": cfg.to_dict(), "global_step": global_step}))
