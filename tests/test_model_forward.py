@@ -151,3 +151,65 @@ def test_per_placement_settings_and_layer_shortcuts():
     assert moe["llm"]["layers"] == [2, 3] and moe["llm"]["num_experts"] == 3
     layer = model.vision_tower.layers[0].mlp
     assert layer.router.name == "cosine" and layer.router.coefs["balance"] == 0.1
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"moe_llm_layers": {"layers": [0.5, 2.9]}}, r"moe llm layers must be integer indices, got non-integer \[0.5, 2.9\]"),
+    ({"moe_llm_layers": [True]}, r"moe llm layers must be integer indices, got non-integer \[True\]"),
+    ({"moe_llm_layers": [1, 1]}, r"moe llm layers lists \[1\] more than once"),
+    ({"moe_llm_layers": [9]}, r"moe llm layers \[9\] out of range: .*valid layers 0\.\.3"),
+    ({"moe_projector": {"layers": [7]}}, r"moe projector layers \[7\] out of range: .*valid layers 0\.\.0"),
+    ({"vision_scales": [1, 2.7]}, r"vision_scales must start with 1 and hold positive integers, got \[1, 2\.7\]"),
+    ({"vision_scales": [1, True]}, r"vision_scales must start with 1 and hold positive integers"),
+    ({"vision_scales": [1, 1]}, r"vision_scales must not repeat a scale, got \[1, 1\]"),
+])
+def test_invalid_layers_scales_and_fields_are_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("tiny", **kwargs)
+
+
+def test_upcycle_rejects_an_unknown_shared_field():
+    with pytest.raises(ValueError, match=r"moe_llm: unknown field\(s\) \['topk'\]"):
+        upcycle(build_model("tiny"), moe_llm_layers=[1], topk=1)  # was stored, then ignored
+
+
+def test_projector_layers_may_be_absent_or_the_one_site():
+    for value in (True, {"layers": [0]}, {"layers": "all"}, {"router": "cosine"}):
+        assert build_model("tiny", moe_projector=value).config.moe["projector"]["layers"] == [0]
+
+
+def test_moe_specs_in_the_config_are_checked_and_completed(tmp_path):
+    import json
+
+    from libmoe_core.model import LibMoEVLMForCausalLM
+    from libmoe_core.model.placement import SPEC_DEFAULTS
+
+    base = build_model("tiny").config.to_dict()
+    base.pop("moe", None)
+    with pytest.raises(ValueError, match=r"moe llm layers \[9\] out of range: the llm has 4 .*0\.\.3"):
+        LibMoEVLMConfig(**base, moe={"llm": {**SPEC_DEFAULTS, "layers": [9]}})
+    with pytest.raises(ValueError, match=r"moe_llm: unknown field\(s\) \['topk'\]"):
+        LibMoEVLMConfig(**base, moe={"llm": {**SPEC_DEFAULTS, "layers": [0], "topk": 1}})
+    with pytest.raises(ValueError, match=r"moe projector layers \[7\] out of range"):
+        LibMoEVLMConfig(**base, moe={"projector": {"layers": [7]}})
+    config = LibMoEVLMConfig(**base, moe={"llm": {"layers": [0], "top_k": 1}, "vision": {"layers": "all"}})
+    assert config.moe["llm"] == {**SPEC_DEFAULTS, "layers": [0], "top_k": 1}  # missing fields: the defaults
+    assert config.moe["vision"]["layers"] == [0, 1]
+    model = LibMoEVLMForCausalLM(config)
+    assert model.language_model.model.layers[0].mlp.router.top_k == 1
+    # an edited config.json gets the same checks when loading
+    build_model("tiny", moe_llm_layers=[1]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["moe"]["llm"]["topk"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['topk'\]"):
+        LibMoEVLMForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("router", ["smoe", "sigmoid", "cosine", "hyper", "xmoe", "shared"])
+def test_stored_moe_specs_survive_the_config_checks(router):
+    # what upcycle stores, the config keeps as it is (so checkpoints of the current code load)
+    model = build_model("tiny", router=router, moe_vision="every_other", moe_projector=True, moe_llm_layers=[0, 3],
+                        num_experts=3, top_k=2, balance_coef=0.02, seed=5)
+    again = LibMoEVLMConfig.from_dict(model.config.to_dict())
+    assert again.moe == model.config.moe

@@ -97,3 +97,31 @@ def test_routing_capture_records_tokens_and_kinds(model):
     assert prefill.position[prefill.sample == 0].tolist() == list(range(int(batch["attention_mask"][0].sum())))
     with pytest.raises(ValueError, match="unknown placement"), capture_routing(model, placements=("decoder",)):
         pass
+
+
+def test_routing_capture_of_a_forward_given_inputs_embeds(model):
+    # no input_ids: LLM tokens are still text (generated on a KV cache), in their sample, pads skipped
+    processor = build_processor("tiny")
+    batch = processor(["<|user|>\nwhat is two plus two?<|end|>\n<|assistant|>\n", "<|user|>\nhi<|end|>\n<|assistant|>\n"],
+                      padding_side="left")
+    mask = batch["attention_mask"]
+    assert (mask == 0).any()
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+    tables = {}
+    for how, given in (("ids", {"input_ids": batch["input_ids"]}), ("embeds", {"inputs_embeds": embeds})):
+        with torch.no_grad(), capture_routing(model, placements=("llm",)) as rec:
+            out = model(attention_mask=mask, use_cache=True, **given)
+        tables[how] = rec.to_table()
+    ids, emb = tables["ids"], tables["embeds"]
+    assert len(emb["placement"]) == 2 * int(mask.sum())  # two MoE layers, real tokens only
+    assert set(emb["token_kind"]) == {"text"} and all(e[0] >= 0 for e in emb["experts"])
+    for column in ("layer", "sample", "image", "position", "token_kind", "experts"):
+        assert emb[column] == ids[column], column
+    # one more token as an embedding on the filled cache: generated
+    step = model.get_input_embeddings()(torch.tensor([[65], [66]])).detach()
+    with torch.no_grad(), capture_routing(model, placements=("llm",)) as rec:
+        model(inputs_embeds=step, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+              cache=out.cache, use_cache=True)
+    table = rec.to_table()
+    assert set(table["token_kind"]) == {"generated"} and sorted(set(table["sample"])) == [0, 1]
+    assert table["position"][:2] == [int(mask[0].sum()), int(mask[1].sum())]

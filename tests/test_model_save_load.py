@@ -158,3 +158,17 @@ def test_loading_refuses_what_it_would_fill_with_random_weights(tmp_path):
     model.language_model.save_pretrained(tmp_path / "phi3")  # a plain LLM checkpoint
     with pytest.raises(ValueError, match="holds a 'phi3' model, not a 'libmoe_vlm' checkpoint"):
         LibMoEVLMForCausalLM.from_pretrained(tmp_path / "phi3")
+
+
+def test_from_pretrained_expands_a_home_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = build_model("tiny", moe_llm_layers=[1])
+    model.save_pretrained(tmp_path / "ckpt")
+    for path in ("~/ckpt", Path("~/ckpt")):
+        loaded = LibMoEVLMForCausalLM.from_pretrained(path)  # strict: checked and loaded from the same folder
+        assert loaded.config.moe == model.config.moe
+    assert LibMoEVLMForCausalLM.from_pretrained("~/ckpt", strict=False).config.moe == model.config.moe
+    with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
+        LibMoEVLMForCausalLM.from_pretrained("~/nope")

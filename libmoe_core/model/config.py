@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import operator
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 PLACEMENTS = ("vision", "projector", "llm")
+
+
+def _is_int(value) -> bool:
+    """An int-like value (int, numpy integer), not a float."""
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 
 
 class LibMoEVLMConfig(PretrainedConfig):
@@ -27,7 +38,9 @@ class LibMoEVLMConfig(PretrainedConfig):
         image_token_id: id of the ``<image>`` token in the tokenizer.
         moe: the MoE placements, ``{"vision"|"projector"|"llm": spec}``; each spec holds
             router, num_experts, top_k, layers, balance_coef, z_coef, capacity_factor,
-            router_options, seed (see :mod:`libmoe_core.model.placement`). None: dense.
+            router_options, seed, noise (see :mod:`libmoe_core.model.placement`). None: dense.
+            Specs are checked on construction (unknown fields, layer indices: distinct ints
+            in range) and missing fields filled with the defaults, as ``upcycle`` does.
     """
 
     model_type = "libmoe_vlm"
@@ -49,9 +62,13 @@ class LibMoEVLMConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         if self.vision_scales is None:
             self.vision_scales = [1]
-        self.vision_scales = [int(s) for s in self.vision_scales]
-        if not self.vision_scales or self.vision_scales[0] != 1 or any(s < 1 for s in self.vision_scales):
-            raise ValueError(f"vision_scales must start with 1 and hold positive integers, got {self.vision_scales}")
+        scales = self.vision_scales
+        if not (isinstance(scales, (list, tuple)) and scales
+                and all(not isinstance(s, bool) and _is_int(s) and int(s) >= 1 for s in scales) and int(scales[0]) == 1):
+            raise ValueError(f"vision_scales must start with 1 and hold positive integers, got {scales!r}")
+        self.vision_scales = [int(s) for s in scales]
+        if len(set(self.vision_scales)) != len(self.vision_scales):
+            raise ValueError(f"vision_scales must not repeat a scale, got {self.vision_scales}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
         if not isinstance(self.image_pool, int) or self.image_pool < 1:
@@ -62,6 +79,17 @@ class LibMoEVLMConfig(PretrainedConfig):
         unknown = sorted(set(self.moe or {}) - set(PLACEMENTS))
         if unknown:
             raise ValueError(f"unknown MoE placement(s) {unknown}; choose from {PLACEMENTS}")
+        if self.moe:
+            self.moe = self._normalized_moe()
+
+    def _normalized_moe(self) -> dict | None:
+        """``moe`` with every spec checked (fields, layer indices in range) and completed with defaults,
+        as ``upcycle`` stores them: a spec from a hand-written config or config.json gets the same checks."""
+        from .placement import normalize_placement  # placement imports this module
+
+        sizes = {"vision": self.kept_vision_layers, "projector": 1, "llm": self.text_config.num_hidden_layers}
+        moe = {p: normalize_placement(spec, p, sizes[p]) for p, spec in self.moe.items()}
+        return {p: spec for p, spec in moe.items() if spec is not None} or None
 
     # ---- derived sizes
     @property

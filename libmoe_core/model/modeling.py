@@ -105,6 +105,8 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         of another model type, and weights missing from or extra to the checkpoint's config are
         errors (transformers would warn and fill them with random values)."""
         path = os.fspath(pretrained_model_name_or_path)
+        if path.startswith("~"):  # a local folder under a home directory, for the check and the load alike
+            path = os.path.expanduser(path)
         if strict:
             _check_checkpoint(path, kwargs)
         wants_info = kwargs.pop("output_loading_info", False)
@@ -278,9 +280,9 @@ def _token_mask_contexts(model, user_context_fn=None):
 
 
 def _check_checkpoint(path: str, kwargs: dict) -> None:
-    """A local checkpoint folder exists, and its config is a libmoe_vlm one."""
-    local = os.path.isabs(path) or path.startswith((".", "~"))
-    if local and not os.path.isdir(os.path.expanduser(path)):
+    """A local checkpoint folder exists, and its config is a libmoe_vlm one (``path``: ``~`` already expanded)."""
+    local = os.path.isabs(path) or path.startswith((".", "~"))  # "~" left: an unknown user's home
+    if local and not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if kwargs.get("config") is not None:
         return

@@ -6,19 +6,21 @@ A placement spec (stored in ``config.moe[placement]``, JSON-friendly)::
      "balance_coef": None, "z_coef": None, "capacity_factor": None,
      "router_options": {}, "seed": 0, "noise": 0.0}
 
-``layers`` accepts a list of indices or ``all`` / ``every_other`` (1, 3, 5, ...) /
-``second_half`` when given to :func:`normalize_placement`; the config stores the list.
+``layers`` accepts a list of indices (distinct ints in range; the projector has one site, 0)
+or ``all`` / ``every_other`` (1, 3, 5, ...) / ``second_half`` when given to
+:func:`normalize_placement`; the config stores the list (and checks specs given to it).
 Each layer's router is seeded ``seed + PLACEMENT_SEED_OFFSET[placement] + layer``.
 """
 
 from __future__ import annotations
 
+import operator
 import re
 
 from torch import nn
 
 from ..moe import MoELayer, build_moe
-from .config import PLACEMENTS
+from .config import PLACEMENTS, _is_int
 
 LAYER_SHORTCUTS = ("all", "every_other", "second_half")
 PLACEMENT_SEED_OFFSET = {"vision": 0, "projector": 10_000, "llm": 20_000}
@@ -29,7 +31,10 @@ SPEC_DEFAULTS = {
 
 
 def resolve_layers(layers, num_layers: int, placement: str) -> list[int]:
-    """A layer selection (list or shortcut) as a sorted list of valid indices."""
+    """A layer selection (list or shortcut) as a sorted list of valid indices.
+
+    Entries must be ints (not bools or floats), distinct and in ``0..num_layers - 1``.
+    """
     if isinstance(layers, str):
         if layers == "all":
             return list(range(num_layers))
@@ -39,12 +44,22 @@ def resolve_layers(layers, num_layers: int, placement: str) -> list[int]:
             return list(range(num_layers // 2, num_layers))
         raise ValueError(f"moe {placement} layers: unknown shortcut {layers!r}; use a list of ints or one of {LAYER_SHORTCUTS}")
     try:
-        out = sorted({int(i) for i in layers})
+        items = list(layers)
     except TypeError:
         raise ValueError(f"moe {placement} layers must be a list of ints or one of {LAYER_SHORTCUTS}, got {layers!r}") from None
+    not_ints = [i for i in items if isinstance(i, bool) or not _is_int(i)]
+    if not_ints:
+        raise ValueError(f"moe {placement} layers must be integer indices, got non-integer {not_ints!r} in {items!r}")
+    out = sorted(operator.index(i) for i in items)
+    duplicates = sorted({i for i in out if out.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"moe {placement} layers lists {duplicates} more than once: {items!r}")
     bad = [i for i in out if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"moe {placement} layers {bad} out of range: the {placement} has {num_layers} layers (0..{num_layers - 1})")
+        raise ValueError(
+            f"moe {placement} layers {bad} out of range: the {placement} has {num_layers} MoE "
+            f"site{'s' if num_layers != 1 else ''}, valid layers 0..{num_layers - 1}"
+        )
     if not out:
         raise ValueError(f"moe {placement} layers is empty; pass None to disable the placement")
     return out
@@ -60,12 +75,13 @@ def normalize_placement(value, placement: str, num_layers: int, defaults: dict |
         value = {"layers": value}
     elif not isinstance(value, dict):
         raise TypeError(f"moe_{placement} must be None, a bool, a layer list/shortcut or a dict, got {value!r}")
-    unknown = sorted(set(value) - set(SPEC_DEFAULTS))
-    if unknown:
-        raise ValueError(f"moe_{placement}: unknown field(s) {unknown}; known: {sorted(SPEC_DEFAULTS)}")
+    for fields in (value, defaults or {}):
+        unknown = sorted(set(fields) - set(SPEC_DEFAULTS))
+        if unknown:
+            raise ValueError(f"moe_{placement}: unknown field(s) {unknown}; known: {sorted(SPEC_DEFAULTS)}")
     spec = {**SPEC_DEFAULTS, **(defaults or {}), **value}
     spec["router_options"] = dict(spec["router_options"] or {})
-    spec["layers"] = [0] if placement == "projector" else resolve_layers(spec["layers"], num_layers, placement)
+    spec["layers"] = resolve_layers(spec["layers"], num_layers, placement)  # the projector: [0] only
     return spec
 
 
@@ -94,8 +110,12 @@ def num_layers(model, placement: str) -> int:
 
 
 def apply_placement(model, placement: str, spec: dict, *, noise: bool = True) -> None:
-    """Replace the chosen dense MLPs by MoE layers whose experts copy them (in place)."""
+    """Replace the chosen dense MLPs by MoE layers whose experts copy them (in place).
+
+    ``spec`` is checked against the model (fields, layer range) and completed with defaults.
+    """
     slots = {i: (parent, attr) for i, parent, attr in mlp_slots(model, placement)}
+    spec = normalize_placement(spec, placement, len(slots))
     for i in spec["layers"]:
         parent, attr = slots[i]
         dense = getattr(parent, attr)

@@ -10,6 +10,8 @@ Token coordinates per record:
   * llm: ``sample`` (batch row), ``position`` (index among the sample's non-pad
     tokens; pad tokens are not recorded), ``token_kind`` image | text, or generated
     for tokens fed on top of a non-empty KV cache (the decode steps of generate()).
+    A forward given ``inputs_embeds`` instead of ``input_ids`` has no token ids: its
+    tokens are text (generated on a non-empty cache).
   * vision: ``sample``, ``image`` (index of the image in its sample), ``crop`` (0 =
     the image, 1.. = its S^2 tiles), ``position`` = patch index (CLIP's CLS = -1), kind image.
   * projector: ``sample``, ``image``, ``position`` = image-token index, kind image.
@@ -62,25 +64,29 @@ class RoutingRecorder:
         self._ctx: dict = {}
 
     # ---- per-call context, from the model's forward inputs
-    def _begin_call(self, input_ids, attention_mask, cache, image_counts) -> None:
+    def _begin_call(self, input_ids, attention_mask, cache, image_counts, inputs_embeds=None) -> None:
         cfg = self.model.config
         ctx = {"call": self.calls, "llm": None, "image_sample": None, "image_index": None}
         self.calls += 1
-        if input_ids is not None:
-            b, length = input_ids.shape
+        tokens = input_ids if input_ids is not None else inputs_embeds  # [B, L] ids or [B, L, d] embeddings
+        if tokens is not None:
+            b, length = tokens.shape[:2]
             past = cache.get_seq_length() if cache is not None else 0
             mask = attention_mask if attention_mask is not None else torch.ones(b, past + length, dtype=torch.long)
             mask = mask.to("cpu").long()
             position = (mask.cumsum(-1) - 1)[:, -length:]  # [B, L] among real tokens
             valid = mask[:, -length:].bool()
-            ids = input_ids.to("cpu")
+            if input_ids is not None and cfg.image_token_id is not None:
+                is_image = input_ids.to("cpu") == cfg.image_token_id
+            else:  # embeddings carry no token ids (and forward takes no images with them)
+                is_image = torch.zeros(b, length, dtype=torch.bool)
             if past > 0:
-                kind = torch.full_like(ids, GENERATED)
+                kind = torch.full((b, length), GENERATED)
             else:
-                kind = torch.where(ids == cfg.image_token_id, IMAGE, TEXT)
-            ctx["llm"] = (valid, position, kind, ids == cfg.image_token_id)
+                kind = torch.where(is_image, IMAGE, TEXT)
+            ctx["llm"] = (valid, position, kind, is_image)
             if image_counts is None:
-                image_counts = (ids == cfg.image_token_id).sum(-1) // cfg.num_image_tokens
+                image_counts = is_image.sum(-1) // cfg.num_image_tokens
             counts = torch.as_tensor(image_counts).to("cpu").reshape(-1)
             ctx["image_sample"] = torch.repeat_interleave(torch.arange(len(counts)), counts)
             ctx["image_index"] = torch.cat([torch.arange(int(c)) for c in counts]) if len(counts) else torch.zeros(0)
@@ -170,7 +176,8 @@ def capture_routing(model, placements=PLACEMENTS, layers=None, *, store_probs: b
 
     def pre_hook(module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        rec._begin_call(input_ids, kwargs.get("attention_mask"), kwargs.get("cache"), kwargs.get("image_counts"))
+        rec._begin_call(input_ids, kwargs.get("attention_mask"), kwargs.get("cache"), kwargs.get("image_counts"),
+                        kwargs.get("inputs_embeds"))
 
     handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
     for placement, layer_idx, layer in placed_moe_layers(model):
