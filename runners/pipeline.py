@@ -16,11 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-name", default="default", help="run folder under --runs-root")
     parser.add_argument("--runs-root", default="runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.PARAM=VALUE",
-                        help="notebook parameter of one stage, e.g. sft.max_steps=2 or eval.limit=200 (repeatable)")
+                        help="notebook parameter of one stage (pretrain, pft, sft, eval, analysis), e.g. "
+                        "sft.max_steps=2, eval.limit=200, analysis.max_load_ratio=1.5 (each analysis notebook that "
+                        "takes it); an unknown stage or parameter is an error; relative paths are from the current "
+                        "directory (repeatable)")
     parser.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
                         help="fail a step whose notebook cell runs longer (default: no limit)")
     parser.add_argument("--timeout-retries", type=int, default=0, metavar="N",
-                        help="run a step whose cell timed out again, up to N times (steps resume)")
+                        help="run a step whose cell timed out again, up to N times (a training step resumes from "
+                        "its last complete checkpoint)")
 
 
 def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
@@ -39,13 +43,13 @@ def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
 def run(args) -> int:
     from libmoe_core.pipeline.runner import execute, plan_pipeline, report
 
-    plan = plan_pipeline(
-        preset=args.preset, routers=args.routers or ["smoe", "sigmoid"], stages=args.stages.split(","),
-        run_name=args.run_name, runs_root=args.runs_root, stage_parameters=parse_stage_overrides(args.overrides),
-    )
     try:
+        plan = plan_pipeline(
+            preset=args.preset, routers=args.routers or ["smoe", "sigmoid"], stages=args.stages.split(","),
+            run_name=args.run_name, runs_root=args.runs_root, stage_parameters=parse_stage_overrides(args.overrides),
+        )
         code = execute(plan, cell_timeout=args.cell_timeout, timeout_retries=args.timeout_retries)
-    except ValueError as err:  # --cell-timeout / --timeout-retries out of range
+    except ValueError as err:  # a bad --stages, --router, --set, --cell-timeout or --timeout-retries
         print(f"libmoe pipeline: error: {err}", file=sys.stderr)
         return 2
     if code == 0:

@@ -30,7 +30,7 @@ def run_eval_stage(model_path: str | Path, out_dir: str | Path, *, tasks=("easyv
     cfg = EvalConfig(
         model_path=str(model_path), tasks=task_list, output_path=Path(out_dir), batch_size=batch_size, limit=limit,
         return_id_experts=record_experts, layers=layers, placements=tuple(placements) if placements else None,
-        log_samples=True, extra_model_args={"checkpoint": checkpoint or model_path.parent.name},
+        log_samples=True, extra_model_args={"checkpoint": checkpoint or checkpoint_label(model_path)},
     )
     outcome = run_evaluation(cfg, overwrite_traces=True, stream=None)
     summary = {
@@ -39,20 +39,31 @@ def run_eval_stage(model_path: str | Path, out_dir: str | Path, *, tasks=("easyv
         "traces": str(outcome.trace_dir) if outcome.trace_dir else None,
     }
     if "easyvqa" in task_list:
-        scores = easyvqa_scores(Path(out_dir))
+        scores = easyvqa_scores(outcome.results_path)
         summary["easyvqa"] = accuracy_by_type(scores)
         summary["easyvqa_doc_ids"] = sorted(d for d, _, _ in scores)
     (Path(out_dir) / "eval_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
-def easyvqa_scores(out_dir: Path) -> list[tuple[int, str, float]]:
-    """(doc_id, question_type, score) of every easyvqa document in the run's sample log."""
-    files = sorted(Path(out_dir).rglob("*_samples_easyvqa.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"no easyvqa sample log under {out_dir} (was --log_samples on?)")
+def checkpoint_label(model_path: str | Path) -> str:
+    """The traces' checkpoint name of a model: ``sft-smoe`` for ``.../sft-smoe/final``,
+    ``sft-smoe/checkpoint-500`` for ``.../sft-smoe/checkpoints/checkpoint-500``, else the folder name."""
+    path = Path(model_path).resolve()
+    if path.name == "final":
+        return path.parent.name
+    return f"{path.parents[1].name}/{path.name}" if path.parent.name == "checkpoints" else path.name
+
+
+def easyvqa_scores(results_path: str | Path) -> list[tuple[int, str, float]]:
+    """(doc_id, question_type, score) of every easyvqa document in the sample log of the lmms-eval run
+    that wrote ``results_path`` (``<date>_results.json``: the log is ``<date>_samples_easyvqa.jsonl`` beside it)."""
+    results_path = Path(results_path)
+    samples = results_path.with_name(results_path.name.removesuffix("_results.json") + "_samples_easyvqa.jsonl")
+    if not samples.is_file():
+        raise FileNotFoundError(f"no easyvqa sample log {samples.name} beside {results_path} (was --log_samples on?)")
     rows = []
-    for line in files[-1].read_text().splitlines():
+    for line in samples.read_text().splitlines():
         if line.strip():
             sample = json.loads(line)
             typed = sample["exact_match_colour"]  # {"question_type", "score"} for every document

@@ -1,8 +1,11 @@
 """The pipeline: stage notebooks executed in order by papermill, resumable, one sft per router.
 
-Each executed notebook is saved in the run folder next to what it produced; a step whose
-output already exists is skipped; the first failure stops the pipeline and names the
-executed notebook that holds the traceback.
+Each executed notebook is saved in the run folder next to what it produced. A step is skipped
+when its product exists and is newer than the products it was made from (so redoing a step
+redoes the steps after it); a training step whose folder holds an earlier attempt resumes it;
+the first failure stops the pipeline and names the executed notebook that holds the traceback.
+Kernels run in the caller's working directory: relative paths in parameters mean what they
+mean there.
 """
 
 from __future__ import annotations
@@ -12,8 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..train.checkpoints import MARKER, last_complete_checkpoint
+
 STAGES = ("pretrain", "pft", "sft", "eval", "analysis")
+TRAINING_STAGES = ("pretrain", "pft", "sft")
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOKS = {"pretrain": ("pretrain.ipynb",), "pft": ("pft.ipynb",), "sft": ("sft.ipynb",), "eval": ("eval.ipynb",),
+             "analysis": ("analysis/router_entropy.ipynb", "analysis/expert_collapse.ipynb")}
+
+
+def _newer(paths, than: Path) -> list[Path]:
+    """The existing ``paths`` modified after ``than``."""
+    mtime = than.stat().st_mtime
+    return [p for p in paths if p.exists() and p.stat().st_mtime > mtime]
 
 
 @dataclass
@@ -25,12 +39,26 @@ class Step:
     output: Path  # the executed notebook
     parameters: dict
     done_marker: Path  # exists once the step's product is complete
+    upstream: tuple[Path, ...] = ()  # the products (markers) of what this step is made from
+    trains: bool = False  # a training stage: its folder may hold an earlier attempt to resume
     seconds: float | None = None
     skipped: bool = False
     marker_written_by_runner: bool = False  # for steps whose product has no natural end marker
 
+    def outdated_by(self) -> list[Path]:
+        """Upstream products newer than this step's product."""
+        return _newer(self.upstream, self.done_marker) if self.done_marker.exists() else []
+
     def done(self) -> bool:
-        return self.done_marker.exists()
+        return self.done_marker.exists() and not self.outdated_by()
+
+    def resume(self) -> bool:
+        """Whether a training step continues the earlier attempt in its folder: from its last complete
+        checkpoint (or afresh when it left none), unless that predates what the stage starts from."""
+        folder = self.output.parent
+        last = last_complete_checkpoint(folder / "checkpoints")
+        trace = last / MARKER if last else folder / "metrics.jsonl"
+        return self.trains and trace.is_file() and not _newer(self.upstream, trace)
 
 
 @dataclass
@@ -38,6 +66,34 @@ class PipelinePlan:
     run_dir: Path
     routers: list[str]
     steps: list[Step] = field(default_factory=list)
+    cwd: Path = field(default_factory=Path.cwd)  # where the kernels run
+
+
+def _parameter_names(stage: str, notebook: Path) -> set[str]:
+    """What a stage's notebook takes: every name ``stage_config`` knows, or the ``parameters`` cell."""
+    if stage in TRAINING_STAGES:
+        from .stage import NON_CONFIG_PARAMETERS, PARAMETER_KEYS
+
+        return (set(PARAMETER_KEYS) | NON_CONFIG_PARAMETERS) - {"stage_tag"}  # the plan names the folders
+    import papermill as pm
+
+    return set(pm.inspect_notebook(str(notebook)))
+
+
+def notebook_overrides(stage_parameters: dict[str, dict], notebook_dir: Path) -> dict[str, dict]:
+    """``{notebook: parameters}`` from ``{stage: parameters}``; an analysis parameter goes to each analysis
+    notebook that takes it. An unknown stage, or a name no notebook of the stage takes, is an error."""
+    out: dict[str, dict] = {}
+    for stage, params in stage_parameters.items():
+        if stage not in NOTEBOOKS:
+            raise ValueError(f"no stage {stage!r} in the pipeline; its stages: {', '.join(STAGES)}")
+        takes = {nb: _parameter_names(stage, Path(notebook_dir) / nb) for nb in NOTEBOOKS[stage]}
+        known = set().union(*takes.values())
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown {stage} notebook parameter(s) {unknown}; it takes {sorted(known)}")
+        out.update({nb: {k: v for k, v in params.items() if k in names} for nb, names in takes.items()})
+    return out
 
 
 def plan_pipeline(
@@ -52,7 +108,8 @@ def plan_pipeline(
 ) -> PipelinePlan:
     """The steps for ``stages`` (pretrain, pft, sft, eval, analysis) and ``routers``.
 
-    ``stage_parameters`` holds extra notebook parameters per stage name (e.g. max_steps).
+    ``stage_parameters`` holds extra notebook parameters per stage name (e.g. max_steps); relative
+    paths among them are taken from the current working directory, where the kernels will run.
     """
     from ..moe import resolve_router_name
 
@@ -65,42 +122,60 @@ def plan_pipeline(
     runs_root = Path(runs_root).resolve()
     run_dir = runs_root / run_name
     notebooks = Path(notebook_dir)
-    extra = stage_parameters or {}
+    overrides = notebook_overrides(stage_parameters or {}, notebooks)
     common = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root)}
     plan = PipelinePlan(run_dir, list(routers))
 
-    def add(name, notebook, folder, parameters, marker=None, runner_marker=None):
+    def add(name, notebook, folder, parameters, marker=None, runner_marker=None, upstream=(), trains=False):
         """``marker``: written by the notebook's own work; else the runner writes ``runner_marker``
         (default: the executed notebook's name with ``.ok``) once the notebook ran."""
+        extra = overrides.get(notebook, {})
+        fixed = sorted(set(parameters) & set(extra))
+        if fixed:
+            raise ValueError(f"{notebook}: the pipeline sets {fixed} itself (see --preset, --router, --run-name, "
+                             "--runs-root; resume follows the stage folder)")
         output = folder / Path(notebook).name
         runner_marker = runner_marker or output.with_suffix(".ok")
-        plan.steps.append(Step(name, notebooks / notebook, output, parameters, marker or runner_marker,
-                               marker_written_by_runner=marker is None))
+        step = Step(name, notebooks / notebook, output, {**parameters, **extra}, marker or runner_marker,
+                    upstream=tuple(upstream), trains=trains, marker_written_by_runner=marker is None)
+        plan.steps.append(step)
+        return step
 
-    for stage in ("pretrain", "pft"):
+    def starts_from(step, key, default):
+        """The step is made from the model named by its parameter ``key`` (relative: to the kernels' cwd),
+        else from the model folder ``default``."""
+        model = plan.cwd / step.parameters[key] if step.parameters.get(key) else default
+        step.upstream = (model / "config.json",) if model else ()
+
+    for stage, previous in (("pretrain", None), ("pft", "pretrain")):
         if stage in stages:
             folder = run_dir / stage
-            add(stage, f"{stage}.ipynb", folder, {**common, **extra.get(stage, {})}, folder / "final" / "config.json")
+            step = add(stage, f"{stage}.ipynb", folder, {**common, "resume": False}, folder / "final" / "config.json",
+                       trains=True)
+            starts_from(step, "input_model", previous and run_dir / previous / "final")
     for router in routers:
         if "sft" in stages:
             folder = run_dir / f"sft-{router}"
-            add(f"sft-{router}", "sft.ipynb", folder, {**common, "router": router, **extra.get("sft", {})},
-                folder / "final" / "config.json")
+            step = add(f"sft-{router}", "sft.ipynb", folder, {**common, "router": router, "resume": False},
+                       folder / "final" / "config.json", trains=True)
+            starts_from(step, "input_model", run_dir / "pft" / "final")
         if "eval" in stages:
             folder = run_dir / f"eval-{router}"
-            add(f"eval-{router}", "eval.ipynb", folder,
-                {"run_name": run_name, "runs_root": str(runs_root), "router": router, **extra.get("eval", {})},
-                folder / "eval_summary.json")
+            step = add(f"eval-{router}", "eval.ipynb", folder,
+                       {"run_name": run_name, "runs_root": str(runs_root), "router": router},
+                       folder / "eval_summary.json")
+            starts_from(step, "model_path", run_dir / f"sft-{router}" / "final")
     if "analysis" in stages:
         folder = run_dir / "analysis"
         traces = [str(run_dir / f"eval-{r}" / "traces") for r in routers]
+        summaries = [run_dir / f"eval-{r}" / "eval_summary.json" for r in routers]
         # the comparison is done for this set of routers: adding a router later runs it again
         add("analysis", "analysis/router_entropy.ipynb", folder,
             {"traces": traces, "labels": list(routers), "out_dir": str(folder / "router_entropy")},
-            runner_marker=folder / f"router_entropy.{'+'.join(routers)}.ok")
-        for router, trace in zip(routers, traces):
+            runner_marker=folder / f"router_entropy.{'+'.join(routers)}.ok", upstream=summaries)
+        for router, trace, summary in zip(routers, traces, summaries):
             add(f"analysis-{router}", "analysis/expert_collapse.ipynb", folder / f"collapse-{router}",
-                {"traces": [trace], "out_dir": str(folder / f"collapse-{router}")})
+                {"traces": [trace], "out_dir": str(folder / f"collapse-{router}")}, upstream=[summary])
     return plan
 
 
@@ -110,7 +185,9 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
 
     ``cell_timeout`` (seconds, None: no limit) bounds each cell: papermill can wait forever for a
     kernel message that never arrives (nteract/papermill#711). A step whose cell timed out is run
-    again up to ``timeout_retries`` times (steps resume: trainings from their last checkpoint)."""
+    again up to ``timeout_retries`` times. Every attempt of a training step passes ``resume``
+    (:meth:`Step.resume`), so a retry, or a rerun after a crash, continues from the last complete
+    checkpoint. Kernels run in ``plan.cwd``."""
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError
 
@@ -124,14 +201,21 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
             step.skipped = True
             log(f"[pipeline] {step.name}: already complete, skipped ({step.done_marker})")
             continue
+        if step.outdated_by():
+            log(f"[pipeline] {step.name}: outdated, {step.outdated_by()[0]} is newer than {step.done_marker}")
         step.output.parent.mkdir(parents=True, exist_ok=True)
         log(f"[pipeline] {step.name}: running {step.notebook.name} -> {step.output}")
         started = time.perf_counter()
         try:
             for attempt in range(timeout_retries + 1):
+                parameters = step.parameters
+                if step.trains:
+                    parameters = {**parameters, "resume": step.resume()}
+                    if parameters["resume"]:
+                        log(f"[pipeline] {step.name}: resuming the earlier attempt in {step.output.parent}")
                 try:
-                    pm.execute_notebook(str(step.notebook), str(step.output), parameters=step.parameters,
-                                        kernel_name=kernel, progress_bar=False, cwd=str(step.notebook.parent),
+                    pm.execute_notebook(str(step.notebook), str(step.output), parameters=parameters,
+                                        kernel_name=kernel, progress_bar=False, cwd=str(plan.cwd),
                                         execution_timeout=cell_timeout)
                     break
                 except CellTimeoutError:
@@ -147,7 +231,8 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
         if step.marker_written_by_runner:
             step.done_marker.write_text(f"{step.seconds:.1f} s\n")
         if not step.done():
-            log(f"[pipeline] {step.name} FAILED: the notebook ran but {step.done_marker} was not written; see {step.output}")
+            log(f"[pipeline] {step.name} FAILED: the notebook ran but did not write {step.done_marker} anew; "
+                f"see {step.output}")
             return 1
         log(f"[pipeline] {step.name}: done in {step.seconds:.0f} s")
     return 0

@@ -1,0 +1,229 @@
+"""The pipeline's steps: resuming training, outdated steps, parameters that must reach a notebook
+(or be refused), paths relative to the caller, and the eval step's choice of sample log.
+Papermill is replaced by a recorder where no kernel is needed."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+from nbclient.exceptions import CellTimeoutError
+from papermill.iorw import load_notebook_node
+from papermill.parameterize import parameterize_notebook
+
+from libmoe_core.pipeline.runner import NOTEBOOK_DIR, execute, plan_pipeline
+from runners.pipeline import main as pipeline_main
+
+
+def _touch(path, text="{}", age_s=0.0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    if age_s:
+        os.utime(path, (time.time() - age_s,) * 2)
+    return path
+
+
+def _checkpoint(stage_dir, step, complete=True, age_s=0.0):
+    folder = stage_dir / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    if complete:
+        _touch(folder / "COMPLETE", age_s=age_s)
+
+
+class Papermill:
+    """Stands in for ``papermill.execute_notebook``: records each call, then runs ``action(step name, call)``."""
+
+    def __init__(self, monkeypatch, action=lambda name, call: None):
+        self.calls, self.action = [], action
+        monkeypatch.setattr(papermill, "execute_notebook", self)
+
+    def __call__(self, notebook, output, parameters, **kwargs):
+        call = {"output": Path(output), "parameters": parameters, **kwargs}
+        self.calls.append(call)
+        self.action(Path(output).parent.name, call)
+
+
+def _finish_training(name, call):
+    _touch(call["output"].parent / "final" / "config.json")
+
+
+def test_a_training_step_resumes_from_its_last_complete_checkpoint(tmp_path, monkeypatch):
+    # a cell timeout after the first checkpoint: the retry resumes from it
+    def hang_once(name, call):
+        if len(fake.calls) == 1:
+            _checkpoint(call["output"].parent, 2)
+            raise CellTimeoutError("a cell ran past 5 s")
+        _finish_training(name, call)
+
+    fake = Papermill(monkeypatch, hang_once)
+    plan = plan_pipeline(stages=["pretrain"], runs_root=tmp_path, run_name="r")
+    assert execute(plan, log=lambda line: None, cell_timeout=5, timeout_retries=1) == 0
+    assert [c["parameters"]["resume"] for c in fake.calls] == [False, True]
+
+    # a rerun after a crash: each sft folder decides for itself
+    run = tmp_path / "r"
+    _touch(run / "pft" / "final" / "config.json", age_s=3600)
+    _checkpoint(run / "sft-smoe", 4)  # a complete checkpoint: resumed
+    _checkpoint(run / "sft-sigmoid", 4, complete=False)  # nothing complete, no metrics: a fresh start
+    _checkpoint(run / "sft-cosine", 4, age_s=7200)  # older than the pft model it would continue: not resumed
+    _touch(run / "sft-hyper" / "metrics.jsonl", '{"step": 1}\n')  # died before a checkpoint: resume starts afresh
+    fake = Papermill(monkeypatch, _finish_training)
+    plan = plan_pipeline(stages=["sft"], routers=["smoe", "sigmoid", "cosine", "hyper"], runs_root=tmp_path,
+                         run_name="r")
+    assert execute(plan, log=lambda line: None) == 0
+    assert {c["output"].parent.name: c["parameters"]["resume"] for c in fake.calls} == {
+        "sft-smoe": True, "sft-sigmoid": False, "sft-cosine": False, "sft-hyper": True}
+
+
+def test_a_step_made_from_something_newer_runs_again(tmp_path, monkeypatch):
+    plan = plan_pipeline(routers=["smoe"], stages=["sft", "eval", "analysis"], runs_root=tmp_path, run_name="r")
+    sft, evaluation = plan.steps[:2]
+    for step in plan.steps:  # everything was done an hour ago ...
+        _touch(step.done_marker, age_s=3600)
+    assert all(step.done() for step in plan.steps)
+    _touch(sft.done_marker)  # ... then sft was trained again
+    assert sft.done() and not evaluation.done() and evaluation.outdated_by() == [sft.done_marker]
+
+    def evaluate(name, call):
+        if name == "eval-smoe":
+            _touch(evaluation.done_marker)
+
+    fake = Papermill(monkeypatch, evaluate)
+    lines = []
+    assert execute(plan, log=lines.append) == 0
+    assert [c["output"].parent.name for c in fake.calls] == ["eval-smoe", "analysis", "collapse-smoe"]
+    assert any("eval-smoe: outdated" in line for line in lines), lines
+    assert all(step.done() for step in plan.steps)
+
+    # a model named by a parameter is what the step is made from (relative: to the caller's directory)
+    monkeypatch.chdir(tmp_path)
+    plan = plan_pipeline(stages=["pft", "eval"], runs_root=tmp_path, run_name="r",
+                         stage_parameters={"pft": {"input_model": "models/m"}, "eval": {"model_path": "/abs/model"}})
+    assert plan.steps[0].upstream == (tmp_path / "models" / "m" / "config.json",)
+    assert plan.steps[1].upstream == (Path("/abs/model/config.json"),)
+
+
+def _run_until_config(nb, namespace):
+    """Run a stage notebook's code cells up to its ``stage_config`` cell, without a kernel or training."""
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            exec(cell.source, namespace)  # noqa: S102
+            if "stage_config(" in cell.source:
+                return cell.source
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "pft", "sft"])
+def test_every_name_papermill_injects_reaches_stage_config(stage, tmp_path):
+    base = {"run_name": "t", "runs_root": str(tmp_path)}
+    nb = parameterize_notebook(load_notebook_node(str(NOTEBOOK_DIR / f"{stage}.ipynb")),
+                               {**base, "max_step": 2, "warmup_ratio": 0.5})
+    with pytest.raises(ValueError, match=r"unknown notebook parameter\(s\) \['max_step', 'warmup_ratio'\]"):
+        _run_until_config(nb, {})
+    nb = parameterize_notebook(load_notebook_node(str(NOTEBOOK_DIR / f"{stage}.ipynb")), {**base, "max_steps": 2})
+    namespace = {}
+    config_cell = _run_until_config(nb, namespace)
+    assert namespace["cfg"].max_steps == 2 and namespace["cfg"].stage_dir.parent == tmp_path / "t"
+    # in Jupyter the later cells' names do not trouble a re-run of the config cell
+    namespace.update(final_model=tmp_path / "final", plot_losses=print)
+    exec(config_cell, namespace)  # noqa: S102
+    assert namespace["cfg"].max_steps == 2
+
+
+def test_stage_parameters_are_checked_and_reach_their_notebooks(tmp_path, capsys):
+    def plan(**stage_parameters):
+        return plan_pipeline(routers=["smoe"], runs_root=tmp_path, stage_parameters=stage_parameters)
+
+    stages = "pretrain, pft, sft, eval, analysis"
+    for bad, needle in (({"stf": {"max_steps": 2}}, f"no stage 'stf' in the pipeline; its stages: {stages}"),
+                        ({"sft-smoe": {"max_steps": 2}}, "no stage 'sft-smoe'"),
+                        ({"sft": {"max_step": 2}}, r"unknown sft notebook parameter\(s\) \['max_step'\]"),
+                        ({"eval": {"limt": 8}}, r"unknown eval notebook parameter\(s\) \['limt'\]"),
+                        ({"analysis": {"min_load": 0.1}}, r"unknown analysis notebook parameter\(s\) \['min_load'\]"),
+                        ({"sft": {"resume": True}}, r"sets \['resume'\] itself"),
+                        ({"eval": {"router": "sigmoid"}}, r"sets \['router'\] itself")):
+        with pytest.raises(ValueError, match=needle):
+            plan(**bad)
+    steps = {s.name: s.parameters for s in plan(analysis={"max_load_ratio": 1.5, "by": "task", "placement": "vision"},
+                                               sft={"seed": 3}).steps}
+    assert steps["analysis"]["by"] == "task" and "max_load_ratio" not in steps["analysis"]
+    assert steps["analysis-smoe"]["max_load_ratio"] == 1.5 and "by" not in steps["analysis-smoe"]
+    assert steps["analysis"]["placement"] == steps["analysis-smoe"]["placement"] == "vision"
+    assert steps["sft-smoe"]["seed"] == 3  # a config parameter the sft notebook's cell does not list
+    # the command line: an error message and exit status 2, nothing run
+    assert pipeline_main(["--runs-root", str(tmp_path), "--set", "stf.max_steps=2"]) == 2
+    assert "libmoe pipeline: error: no stage 'stf'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_relative_paths_are_taken_from_the_callers_directory(tmp_path, monkeypatch):
+    work, nbdir = tmp_path / "work", tmp_path / "nb"
+    _touch(work / "data" / "my.json", "[]")
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("dataset = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(
+        "import os, pathlib\nassert os.path.isfile(dataset), (os.getcwd(), dataset)\n"
+        "final = pathlib.Path(runs_root, run_name, 'pretrain', 'final')\nfinal.mkdir(parents=True)\n"
+        "(final / 'config.json').write_text('{}')")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbdir.mkdir()
+    nbformat.write(nb, nbdir / "pretrain.ipynb")
+    monkeypatch.chdir(work)
+    plan = plan_pipeline(stages=["pretrain"], runs_root="runs", notebook_dir=nbdir,
+                         stage_parameters={"pretrain": {"dataset": "data/my.json"}})
+    monkeypatch.chdir(tmp_path)  # the plan keeps the directory it was made in
+    lines = []
+    assert execute(plan, log=lines.append, cell_timeout=120) == 0, lines
+    assert (work / "runs" / "default" / "pretrain" / "final" / "config.json").is_file()
+
+
+def _eval_run(folder, stamp, score):
+    """What lmms-eval writes for one run: ``<stamp>_results.json`` and ``<stamp>_samples_easyvqa.jsonl``."""
+    _touch(folder / f"{stamp}_samples_easyvqa.jsonl", "".join(
+        json.dumps({"doc_id": i, "exact_match_colour": {"question_type": "colour", "score": score}}) + "\n"
+        for i in range(4)))
+    return _touch(folder / f"{stamp}_results.json", json.dumps({"results": {}}))
+
+
+def test_the_eval_step_scores_and_labels_the_model_it_evaluated(tmp_path, monkeypatch):
+    from libmoe_core.evaluation import runner as eval_runner
+
+    run = tmp_path / "runs" / "demo"
+    model = run / "sft-smoe" / "checkpoints" / "checkpoint-500"
+    _touch(model / "config.json")
+    out = run / "eval-smoe"
+    _eval_run(out / "sft-smoe__final", "20261129T100000", 1.0)  # an earlier evaluation of the final model
+    seen = {}
+
+    def run_evaluation(cfg, **kwargs):
+        seen.update(cfg.extra_model_args)
+        results = _eval_run(cfg.output_path / "checkpoints__checkpoint-500", "20261129T120000", 0.0)
+        return eval_runner.EvalOutcome(results, [], results.with_suffix(".log"), None, [])
+
+    monkeypatch.setattr(eval_runner, "run_evaluation", run_evaluation)
+    nb = parameterize_notebook(load_notebook_node(str(NOTEBOOK_DIR / "eval.ipynb")),
+                               {"model_path": str(model), "run_name": "demo", "runs_root": str(tmp_path / "runs")})
+    namespace = {}
+    for cell in [c for c in nb.cells if c.cell_type == "code"][:3]:  # parameters, injected, evaluation
+        exec(cell.source, namespace)  # noqa: S102
+    assert namespace["summary"]["easyvqa"]["overall"]["accuracy"] == 0.0  # not the earlier evaluation's 1.0
+    assert seen["checkpoint"] == "sft-smoe/checkpoint-500"
+    assert json.loads((out / "eval_summary.json").read_text())["easyvqa"]["overall"]["n"] == 4
+
+
+def test_a_stage_notebook_in_a_kernel_refuses_a_misspelt_parameter(tmp_path):
+    """The same in an IPython kernel (its own names: In, Out, exit, ...), the notebook cut after its config."""
+    nb = nbformat.read(NOTEBOOK_DIR / "sft.ipynb", as_version=4)
+    cut = next(i for i, c in enumerate(nb.cells) if "stage_config(" in c.source)
+    nb.cells = nb.cells[:cut + 1] + [nbformat.v4.new_code_cell("print('max_steps', cfg.max_steps)")]
+    nbformat.write(nb, tmp_path / "sft.ipynb")
+    base = {"run_name": "t", "runs_root": str(tmp_path), "max_steps": 2}
+    done = papermill.execute_notebook(str(tmp_path / "sft.ipynb"), str(tmp_path / "ok.ipynb"), parameters=base,
+                                      progress_bar=False, execution_timeout=120)
+    assert "max_steps 2" in json.dumps(done.cells[-1].outputs)
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown notebook parameter\(s\) \['max_step'\]"):
+        papermill.execute_notebook(str(tmp_path / "sft.ipynb"), str(tmp_path / "bad.ipynb"),
+                                   parameters={**base, "max_step": 2}, progress_bar=False, execution_timeout=120)
