@@ -107,3 +107,13 @@ def test_tiny_tokenizer_rebuild_is_deterministic(tmp_path):
     build(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / name).read_bytes() == (ASSET_DIR / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"topk": 1}, TypeError, r"unknown argument\(s\) \['topk'\]"),  # was kept as an unused config attribute
+    ({"image_pool": True}, ValueError, "image_pool must be a positive integer"),
+    ({"vision_feature_layer": 7}, ValueError, "vision_feature_layer=7 is outside the tower"),
+])
+def test_build_model_refuses_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        build_model("tiny", **kwargs)

@@ -71,8 +71,9 @@ class LibMoEVLMConfig(PretrainedConfig):
             raise ValueError(f"vision_scales must not repeat a scale, got {self.vision_scales}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
-        if not isinstance(self.image_pool, int) or self.image_pool < 1:
+        if isinstance(self.image_pool, bool) or not isinstance(self.image_pool, int) or self.image_pool < 1:
             raise ValueError(f"image_pool must be a positive integer, got {self.image_pool!r}")
+        _ = self.kept_vision_layers  # raises for a vision_feature_layer outside the tower
         grid = self.patch_grid
         if grid % self.image_pool:
             raise ValueError(f"image_pool={self.image_pool} must divide the {grid}x{grid} patch grid")

@@ -90,6 +90,11 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: LibMoEVLMConfig fields and sub-config updates that build_model passes through ``**overrides``.
+CONFIG_OVERRIDES = ("vision_feature_layer", "vision_scales", "image_pool", "projector_type", "image_token_id",
+                    "vision_config", "text_config")
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
@@ -191,6 +196,9 @@ def build_model(
     their own dtypes: Phi-3.5 ships bf16, SigLIP fp32).
     """
     spec = get_preset(preset)
+    unknown = sorted(set(overrides) - set(CONFIG_OVERRIDES))
+    if unknown:  # transformers would keep them as unused config attributes
+        raise TypeError(f"build_model got unknown argument(s) {unknown}; config overrides it takes: {CONFIG_OVERRIDES}")
     attn = resolve_attn_implementation(attn_implementation)
     vision_update = overrides.pop("vision_config", None)
     text_update = overrides.pop("text_config", None)
