@@ -123,7 +123,7 @@ def test_busy_stage_folder_waits_then_fails_naming_the_holder(tmp_path):
         out = run_guard("--lock", str(lock), "--lock-wait", "0.5", "--", sys.executable, "-c", "print('ran')",
                         capture_output=True, text=True)
         assert out.returncode == LOCK_BUSY_EXIT
-        assert f"in use by another training run (guard pid {os.getpid()})" in out.stdout
+        assert f"in use by another training run (pid {os.getpid()})" in out.stdout
         assert str(tmp_path) in out.stdout and "ran" not in out.stdout
         with pytest.raises(TimeoutError, match="in use by another training run"):
             acquire_stage_lock(lock, wait_s=0)
@@ -170,7 +170,7 @@ def test_second_launch_on_a_busy_stage_folder_is_a_clear_failure(tmp_path, monke
     monkeypatch.setattr(launch_module, "STAGE_LOCK_WAIT_S", 0.3)
     held = acquire_stage_lock(cfg.stage_dir / launch_module.STAGE_LOCK_NAME, wait_s=0)
     try:
-        with pytest.raises(StageFolderError, match=f"in use by another training run \\(guard pid {os.getpid()}\\)"):
+        with pytest.raises(StageFolderError, match=f"in use by another training run \\(pid {os.getpid()}\\)"):
             launch_module.launch(cfg, on_line=lambda line: None)
     finally:
         os.close(held)
@@ -184,3 +184,65 @@ def test_guard_command_follows_this_process():
     assert cmd[cmd.index("--lock") + 1] == "/tmp/s/.train.lock"
     assert cmd[cmd.index("--grace") + 1] == "3" and cmd[cmd.index("--lock-wait") + 1] == "7"
     assert cmd[-3:] == ["--", "deepspeed", "x.py"]
+
+
+def test_two_launches_at_once_cannot_both_start_fresh(tmp_path, monkeypatch):
+    # The folder stays locked from the first launch's checks to the end of its run, so the second
+    # waits for it and then finds its checkpoint (before: 6 of 10 such pairs both trained "fresh").
+    import threading
+
+    from libmoe_core.train import launch as launch_module
+    from libmoe_core.train.stage_folder import StageFolderError
+
+    cfg = resolve_config("pretrain", overrides={"run_dir": str(tmp_path / "run")})
+    code = ("import pathlib, time, sys; d = pathlib.Path(sys.argv[1]); (d / 'checkpoints' / 'checkpoint-1').mkdir(parents=True); "
+            "time.sleep(1.5); (d / 'final').mkdir(); (d / 'final' / 'config.json').write_text('{}')")
+    monkeypatch.setattr(launch_module, "build_command", lambda c, *a, **k: [sys.executable, "-c", code, str(c.stage_dir)])
+    real_guard_command = launch_module.guard_command
+
+    def slow_guard(*args, **kwargs):  # widen the moment between the checks and the guard's start
+        delay = "import os, sys, time; time.sleep(1); os.execv(sys.argv[1], sys.argv[1:])"
+        return [sys.executable, "-c", delay, *real_guard_command(*args, **kwargs)]
+
+    monkeypatch.setattr(launch_module, "guard_command", slow_guard)
+    results = []
+    thread = threading.Thread(target=lambda: results.append(launch_module.launch(cfg, on_line=lambda line: None)))
+    thread.start()
+    # the first launch has passed its checks and written its config; its guard has not started yet
+    assert wait_for(lambda: (cfg.stage_dir / "config.yaml").exists(), 30)
+    assert not cfg.checkpoint_dir.exists()
+    lines = []
+    with pytest.raises(StageFolderError, match="holds an earlier run"):
+        launch_module.launch(cfg, on_line=lines.append)
+    thread.join(30)
+    assert results == [cfg.final_dir]
+    assert any("waiting for the previous training run" in line for line in lines)
+
+
+def test_a_guard_waiting_for_the_lock_stops_at_once_when_asked(tmp_path):
+    lock = tmp_path / ".train.lock"
+    held = acquire_stage_lock(lock, wait_s=0)
+    try:
+        proc = subprocess.Popen([sys.executable, "-I", GUARD, "--parent", str(os.getpid()), "--lock", str(lock),
+                                 "--lock-wait", "60", "--", sys.executable, "-c", "print('ran')"],
+                                stdout=subprocess.PIPE, text=True)
+        assert wait_for(lambda: False, 1.0) is False  # let it start waiting
+        proc.terminate()
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM  # before: it waited out the 60 s
+        assert "ran" not in proc.stdout.read()
+        proc.stdout.close()
+    finally:
+        os.close(held)
+
+
+def test_an_interrupted_lock_wait_leaks_no_descriptor(tmp_path):
+    lock = tmp_path / ".train.lock"
+    held = acquire_stage_lock(lock, wait_s=0)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(guard.LockWaitStopped):
+            acquire_stage_lock(lock, wait_s=30, stop=lambda: True)
+        with pytest.raises(TimeoutError):
+            acquire_stage_lock(lock, wait_s=0)
+    assert len(os.listdir("/proc/self/fd")) == before
+    os.close(held)

@@ -2,13 +2,14 @@
 
 ``launch`` runs the DeepSpeed launcher through this guard::
 
-    python -I libmoe_core/train/guard.py --parent PID --lock STAGE/.train.lock -- deepspeed ...
+    python -I libmoe_core/train/guard.py --parent PID --lock-fd N -- deepspeed ...
 
 (run as a file, standard library only, so it starts in milliseconds without importing torch).
 
-The guard holds an exclusive lock on the stage folder for as long as any of the run's
-processes may live (a second run on the same folder waits for it, then fails with the
-holder's pid), starts the command in its own process group and stops that whole group
+The stage folder's exclusive lock, taken by ``launch`` before it checks the folder, is
+passed to the guard and on to the launcher (a second run on the same folder waits for it,
+then fails with the holder's pid; it is free again once both have exited). The guard
+starts the command in its own process group and stops that whole group
 (SIGTERM, then SIGKILL after a grace period) when
 
 - the guard gets SIGTERM, SIGINT or SIGHUP (``launch`` sends SIGTERM when the notebook cell
@@ -51,37 +52,46 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def acquire_stage_lock(path: Path, wait_s: float, say=print) -> int:
+class LockWaitStopped(Exception):
+    """The wait for a busy stage lock was given up because the caller was asked to stop."""
+
+
+def acquire_stage_lock(path: Path, wait_s: float, say=print, stop=lambda: False) -> int:
     """Open and exclusively lock ``path`` (waiting up to ``wait_s``); write our pid into it.
 
-    Returns the open file descriptor (the lock lives as long as it stays open).
-    Raises ``TimeoutError`` naming the holder's pid when the lock stays busy.
+    Returns the open file descriptor (the lock lives as long as it, or a descriptor inherited
+    from it, stays open). Raises ``TimeoutError`` naming the holder's pid when the lock stays
+    busy, :class:`LockWaitStopped` as soon as ``stop()`` is true; the descriptor never leaks.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_s
-    announced = False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        if time.monotonic() >= deadline:
-            os.close(fd)
-            raise TimeoutError(
-                f"stage folder {path.parent} is in use by another training run (guard pid {holder}); "
-                f"waited {wait_s:g} s for it to stop"
-            )
-        if not announced:
-            say(f"libmoe: waiting for the previous training run on {path.parent} (guard pid {holder}) to stop")
-            announced = True
-        time.sleep(0.2)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    try:
+        deadline = time.monotonic() + wait_s
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            if stop():
+                raise LockWaitStopped(str(path))
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"stage folder {path.parent} is in use by another training run (pid {holder}); "
+                    f"waited {wait_s:g} s for it to stop"
+                )
+            if not announced:
+                say(f"libmoe: waiting for the previous training run on {path.parent} (pid {holder}) to stop")
+                announced = True
+            time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+    except BaseException:  # a timeout, a stop, a KeyboardInterrupt in a notebook
+        os.close(fd)
+        raise
 
 
 def _reap_orphans() -> None:
@@ -122,35 +132,51 @@ def stop_group(child: subprocess.Popen, grace_s: float) -> None:
             time.sleep(0.05)
 
 
-def run_guarded(command: list[str], parent: int, lock: Path | None, grace_s: float, lock_wait_s: float) -> int:
-    """Run ``command`` under the guard; returns the exit status to exit with."""
+def run_guarded(command: list[str], parent: int, *, lock: Path | None = None, lock_fd: int | None = None,
+                grace_s: float = 10.0, lock_wait_s: float = 60.0) -> int:
+    """Run ``command`` under the guard; returns the exit status to exit with.
+
+    ``lock_fd``: a descriptor of the stage lock that the launcher already holds (passed on, so
+    the folder stays locked from the launcher's checks to the end of the run); ``lock``: a lock
+    file to acquire first (waiting up to ``lock_wait_s``, unless asked to stop).
+    """
     stop_requested: list[int] = []
     for sig in STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # the parent's death becomes a SIGTERM to us
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphaned grandchildren come to us, so we can wait for them
-    if os.getppid() != parent:  # the parent died before PDEATHSIG was armed
-        return 128 + signal.SIGTERM
-    lock_fd = None
-    if lock is not None:
+
+    def should_stop() -> bool:
+        return bool(stop_requested) or os.getppid() != parent  # the parent may have died before PDEATHSIG
+
+    def stop_status() -> int:
+        return 128 + (stop_requested[0] if stop_requested else signal.SIGTERM)
+
+    if lock_fd is None and lock is not None:
         try:
-            lock_fd = acquire_stage_lock(lock, lock_wait_s, say=lambda m: print(m, flush=True))
+            lock_fd = acquire_stage_lock(lock, lock_wait_s, say=lambda m: print(m, flush=True), stop=should_stop)
         except TimeoutError as err:
             print(f"libmoe: {err}", flush=True)
             return LOCK_BUSY_EXIT
+        except LockWaitStopped:
+            return stop_status()
     try:
-        if stop_requested:
-            return 128 + stop_requested[0]
-        child = subprocess.Popen(command, start_new_session=True)
+        if lock_fd is not None:  # name ourselves as the holder, for a second launch's message
+            os.ftruncate(lock_fd, 0)
+            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
+        if should_stop():
+            return stop_status()
+        # The launcher keeps a copy of the lock: the folder stays locked while it lives, even past our death.
+        child = subprocess.Popen(command, start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,))
         while True:
             try:
                 child.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if stop_requested or os.getppid() != parent:
+            if should_stop():
                 stop_group(child, grace_s)
-                return 128 + (stop_requested[0] if stop_requested else signal.SIGTERM)
+                return stop_status()
         if _group_alive(child.pid):  # the launcher exited and left ranks behind
             stop_group(child, grace_s)
         rc = child.returncode
@@ -160,19 +186,24 @@ def run_guarded(command: list[str], parent: int, lock: Path | None, grace_s: flo
             os.close(lock_fd)
 
 
-def guard_command(command: list[str], lock: Path | None, grace_s: float = 10.0, lock_wait_s: float = 60.0) -> list[str]:
-    """``command`` wrapped in this guard, with the current process as the parent to follow."""
+def guard_command(command: list[str], lock: Path | None = None, lock_fd: int | None = None, grace_s: float = 10.0,
+                  lock_wait_s: float = 60.0) -> list[str]:
+    """``command`` wrapped in this guard, with the current process as the parent to follow
+    (give ``lock_fd`` to the ``Popen`` as ``pass_fds``)."""
     wrapped = [sys.executable, "-I", str(Path(__file__).resolve()), "--parent", str(os.getpid()),
                "--grace", str(grace_s), "--lock-wait", str(lock_wait_s)]
     if lock is not None:
         wrapped += ["--lock", str(lock)]
+    if lock_fd is not None:
+        wrapped += ["--lock-fd", str(lock_fd)]
     return wrapped + ["--", *command]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="guard.py", description=__doc__.splitlines()[0])
     parser.add_argument("--parent", type=int, required=True, help="pid whose death stops the run")
-    parser.add_argument("--lock", type=Path, help="lock file of the stage folder")
+    parser.add_argument("--lock", type=Path, help="lock file of the stage folder, to acquire")
+    parser.add_argument("--lock-fd", type=int, help="inherited descriptor of a stage lock the launcher holds")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("--lock-wait", type=float, default=60.0, help="seconds to wait for a busy stage folder")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
@@ -180,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")
-    return run_guarded(command, args.parent, args.lock, args.grace, args.lock_wait)
+    return run_guarded(command, args.parent, lock=args.lock, lock_fd=args.lock_fd, grace_s=args.grace,
+                       lock_wait_s=args.lock_wait)
 
 
 if __name__ == "__main__":

@@ -88,25 +88,26 @@ def stop_guarded_run(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
         proc.wait()
 
 
-def prepare_stage_folder(cfg: TrainConfig, resume: bool, say=print) -> bool:
-    """Check the stage folder against this launch (see :mod:`.stage_folder`) under its lock and
-    write the config; False when a resume finds the run already finished."""
+def lock_stage_folder(cfg: TrainConfig, say=print) -> int:
+    """The stage folder's lock (a descriptor), waiting up to ``STAGE_LOCK_WAIT_S`` for a run still going."""
     try:
-        lock = acquire_stage_lock(cfg.stage_dir / STAGE_LOCK_NAME, STAGE_LOCK_WAIT_S, say=say)
+        return acquire_stage_lock(cfg.stage_dir / STAGE_LOCK_NAME, STAGE_LOCK_WAIT_S, say=say)
     except TimeoutError as err:
         raise stage_folder.StageFolderError(str(err)) from None
-    try:
-        if resume:
-            if stage_folder.finished(cfg):
-                return False
-            stage_folder.check_resume_config(cfg)
-            stage_folder.clear_for_restart(cfg)
-        else:
-            stage_folder.check_fresh_start(cfg)
-        cfg.save(cfg.stage_dir / "config.yaml")
-        return True
-    finally:
-        os.close(lock)
+
+
+def prepare_stage_folder(cfg: TrainConfig, resume: bool) -> bool:
+    """Check the stage folder against this launch (see :mod:`.stage_folder`; hold its lock) and
+    write the config; False when a resume finds the run already finished."""
+    if resume:
+        if stage_folder.finished(cfg):
+            return False
+        stage_folder.check_resume_config(cfg)
+        stage_folder.clear_for_restart(cfg)
+    else:
+        stage_folder.check_fresh_start(cfg)
+    cfg.save(cfg.stage_dir / "config.yaml")
+    return True
 
 
 def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None] | None = None) -> Path:
@@ -115,6 +116,7 @@ def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None
     Returns the stage's final model folder; raises :class:`TrainingFailed` on failure and
     :class:`~.stage_folder.StageFolderError` when the folder holds a run this launch would mix
     with (a fresh launch on an earlier run, a resume with a changed config, a run still going).
+    Lines of our own (waiting for a busy folder, nothing left to train) start with ``libmoe: ``.
     """
     from .stages import check_init_model, check_moe_settings, dataset_files
 
@@ -125,28 +127,36 @@ def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None
     stage_dir.mkdir(parents=True, exist_ok=True)
     config_path = stage_dir / "config.yaml"
     emit = on_line or (lambda line: print(line, end="", flush=True))
-    if not prepare_stage_folder(cfg, resume, say=lambda message: emit(message + "\n")):
-        emit(f"{cfg.stage}: already finished with this config; model in {cfg.final_dir}\n")
-        return cfg.final_dir
     log_path = stage_dir / "train.log"
     tail: deque[str] = deque(maxlen=200)
-    # The guard (own session, so a kernel's SIGKILL to its group misses it) stops the whole run
-    # when this process is interrupted or dies, and keeps a second run off this stage folder.
-    command = guard_command(build_command(cfg, config_path, resume), lock=stage_dir / STAGE_LOCK_NAME,
-                            lock_wait_s=STAGE_LOCK_WAIT_S)
-    with open(log_path, "a") as log, subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=launch_env(cfg.num_procs), start_new_session=True, bufsize=1,
-    ) as proc:
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                tail.append(line)
-                emit(line)
-            rc = proc.wait()
-        except BaseException:  # KeyboardInterrupt from a notebook interrupt or Ctrl-C, an on_line error
-            stop_guarded_run(proc)
-            raise
+    # The lock is held from the folder checks to the end of the run: by us until the guard starts,
+    # then by the guard and the launcher it passes it to.
+    lock = lock_stage_folder(cfg, say=lambda message: emit(message + "\n"))
+    try:
+        if not prepare_stage_folder(cfg, resume):
+            emit(f"libmoe: {cfg.stage} already finished with this config; model in {cfg.final_dir}\n")
+            return cfg.final_dir
+        # The guard (own session, so a kernel's SIGKILL to its group misses it) stops the whole run
+        # when this process is interrupted or dies.
+        command = guard_command(build_command(cfg, config_path, resume), lock_fd=lock)
+        with open(log_path, "a") as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=launch_env(cfg.num_procs), start_new_session=True, bufsize=1, pass_fds=(lock,),
+        ) as proc:
+            os.close(lock)
+            lock = None  # the guard holds it now
+            try:
+                for line in proc.stdout:
+                    log.write(line)
+                    tail.append(line)
+                    emit(line)
+                rc = proc.wait()
+            except BaseException:  # KeyboardInterrupt from a notebook interrupt or Ctrl-C, an on_line error
+                stop_guarded_run(proc)
+                raise
+    finally:
+        if lock is not None:
+            os.close(lock)
     if rc != 0 or not (cfg.final_dir / "config.json").is_file():
         raise TrainingFailed(rc, log_path, list(tail))
     return cfg.final_dir
