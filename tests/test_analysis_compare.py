@@ -107,3 +107,15 @@ def test_traces_without_image_and_crop_columns_still_compare(tmp_path):
         pq.write_table(pq.read_table(p).drop_columns(["image", "crop"]), p)
     df = compare_checkpoints(paths, method="join").set_index("checkpoint")
     assert df.loc["s2", "switch_rate"] == pytest.approx(0.5) and df.loc["s2", "matched"] == 4
+
+
+def test_a_trace_without_image_and_crop_matches_a_new_one(tmp_path):
+    # the legacy fill follows the token kind: text tokens get image -1, as the capture writes them
+    import pyarrow.parquet as pq
+
+    old = _write(tmp_path, "s1", A)  # text tokens (trace_table's default kind)
+    pq.write_table(pq.read_table(old).drop_columns(["image", "crop"]), old)
+    new = _write(tmp_path, "s2", B, image=-1)
+    for method in ("zip", "join"):
+        df = compare_checkpoints([old, new], method=method).set_index("checkpoint")
+        assert df.loc["s2", "matched"] == 4 and df.loc["s2", "switch_rate"] == pytest.approx(0.5)

@@ -153,7 +153,7 @@ def test_traces_written_before_image_and_crop_read_with_zeros(tmp_path):
     pq.write_table(old, tmp_path / "part-00001.parquet")
     table = read_traces(tmp_path)
     assert table.schema.equals(TRACE_SCHEMA)
-    assert table.column("image").to_pylist() == [-1, -1, 0, 0]
+    assert table.column("image").to_pylist() == [-1, -1, -1, -1]  # text tokens: -1 in both
     assert table.column("crop").to_pylist() == [0, 0, 0, 0]
     assert read_traces(tmp_path, columns=["crop", "doc_id"]).column_names == ["crop", "doc_id"]
     with pytest.raises(ValueError, match="no column"):

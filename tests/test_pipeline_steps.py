@@ -227,3 +227,21 @@ def test_a_stage_notebook_in_a_kernel_refuses_a_misspelt_parameter(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match=r"unknown notebook parameter\(s\) \['max_step'\]"):
         papermill.execute_notebook(str(tmp_path / "sft.ipynb"), str(tmp_path / "bad.ipynb"),
                                    parameters={**base, "max_step": 2}, progress_bar=False, execution_timeout=120)
+
+
+def test_run_stage_shows_the_launchers_own_messages(monkeypatch, capsys, tmp_path):
+    # "waiting for the previous run" / "already finished" must reach the notebook, not only the
+    # failure tail (before: a cell that waited 60 s for a busy folder looked hung)
+    from libmoe_core.pipeline import stage
+    from libmoe_core.train.config import resolve_config
+
+    def fake_launch(cfg, resume=False, on_line=None):
+        on_line("libmoe: waiting for the previous training run on x (pid 1) to stop\n")
+        on_line("some deepspeed chatter\n")
+        return cfg.final_dir
+
+    monkeypatch.setattr(stage, "launch", fake_launch)
+    cfg = resolve_config("pretrain", overrides={"run_dir": str(tmp_path)})
+    assert stage.run_stage(cfg, show_progress=False) == cfg.final_dir
+    out = capsys.readouterr().out
+    assert "waiting for the previous training run" in out and "chatter" not in out

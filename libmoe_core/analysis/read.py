@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .schema import LEGACY_FILL, TRACE_SCHEMA
+from .schema import LEGACY_COLUMNS, TRACE_SCHEMA
 
 DEFAULT_BATCH_ROWS = 1 << 18
 _DICT_COLUMNS = ("task", "checkpoint", "placement", "token_kind")
@@ -46,7 +46,7 @@ def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
     """Check that every file of the trace has ``columns``; return the files.
 
     Raises :class:`TraceError` naming the first file and column that is missing (the
-    :data:`~.schema.LEGACY_FILL` columns may be missing: readers fill them in).
+    :data:`~.schema.LEGACY_COLUMNS` may be missing: readers fill them in).
     Only Parquet footers are read.
     """
     files = trace_files(path)
@@ -56,24 +56,42 @@ def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
             names = set(pq.read_schema(f).names)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
-        missing = [c for c in columns if c not in names and c not in LEGACY_FILL]
+        missing = [c for c in columns if c not in names and c not in LEGACY_COLUMNS]
         if missing:
             expected = ", ".join(f"{fld.name}: {fld.type}" for fld in TRACE_SCHEMA if fld.name in missing)
             raise TraceError(f"trace file {f} lacks required column(s) {', '.join(missing)} (expected {expected})")
     return files
 
 
+def columns_to_read(columns: Sequence[str], available: Sequence[str]) -> list[str]:
+    """What to read from a file with ``available`` columns to give ``columns``: the present ones,
+    plus ``token_kind`` when a missing ``image`` is to be filled in from it."""
+    present = [c for c in columns if c in available]
+    if "image" in columns and "image" not in available and "token_kind" in available and "token_kind" not in present:
+        present.append("token_kind")
+    return present
+
+
+def _legacy_column(name: str, data: pa.RecordBatch | pa.Table):
+    """A :data:`~.schema.LEGACY_COLUMNS` column for ``data``: image 0 for image tokens and -1 for
+    text (from ``token_kind``), crop 0."""
+    int32 = TRACE_SCHEMA.field(name).type
+    if name == "image" and "token_kind" in data.schema.names:
+        is_image = pc.equal(data.column("token_kind").cast(pa.string()), "image")
+        return pc.if_else(is_image, pa.scalar(0, int32), pa.scalar(-1, int32))
+    return pa.repeat(pa.scalar(0, int32), data.num_rows)
+
+
 def with_legacy_columns(data: pa.RecordBatch | pa.Table, columns: list[str]):
-    """``data`` (a batch or a table) with ``columns`` in this order, absent
-    :data:`~.schema.LEGACY_FILL` columns filled in (no copy of the others)."""
+    """``data`` (a batch or a table, read by :func:`columns_to_read`) as ``columns`` in this order,
+    absent :data:`~.schema.LEGACY_COLUMNS` filled in (no copy of the others)."""
     names = data.schema.names
-    unknown = [c for c in columns if c not in names and c not in LEGACY_FILL]
+    unknown = [c for c in columns if c not in names and c not in LEGACY_COLUMNS]
     if unknown:
         raise TraceError(f"no column(s) {', '.join(unknown)} in the trace (columns: {', '.join(names)})")
-    arrays = [
-        data.column(c) if c in names else pa.repeat(pa.scalar(LEGACY_FILL[c], TRACE_SCHEMA.field(c).type), data.num_rows)
-        for c in columns
-    ]
+    arrays = [data.column(c) if c in names else _legacy_column(c, data) for c in columns]
+    if isinstance(data, pa.RecordBatch):
+        arrays = [a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for a in arrays]
     return type(data).from_arrays(arrays, names=columns)
 
 
@@ -84,7 +102,7 @@ def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iter
             pf = pq.ParquetFile(f, read_dictionary=dictionary)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
-        present = [c for c in columns if c in pf.schema_arrow.names]
+        present = columns_to_read(columns, pf.schema_arrow.names)
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=True):
                 if batch.num_rows:

@@ -33,9 +33,9 @@ TOKEN_KINDS = ("image", "text", "generated")
 #: Columns that identify one token at one layer (the join key between checkpoints).
 JOIN_KEYS = ("task", "doc_id", "placement", "layer", "image", "crop", "position", "token_kind")
 
-#: Columns that traces written before they existed lack, and the value readers fill in
-#: (such traces held one whole image per document, or repeated their join keys).
-LEGACY_FILL = {"image": 0, "crop": 0}
+#: Columns that traces written before they existed lack; readers fill them in as such traces
+#: meant them (one whole image per document): image 0 for image tokens, -1 for text; crop 0.
+LEGACY_COLUMNS = ("image", "crop")
 
 #: ``--by`` choices: extra grouping columns beside (checkpoint, placement, layer).
 BY_CHOICES = ("task", "token_kind")

@@ -209,28 +209,27 @@ def run_evaluation(
     started = time.time()
     with log_path.open("w", encoding="utf-8") as log:
         log.write("$ " + subprocess.list2cmdline(command) + "\n")
-        proc = subprocess.Popen(
+        with subprocess.Popen(  # the with block closes the pipe on every path
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
             env=build_env(base_env, offline),
-        )
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                plain = _ANSI.sub("", line)
-                log.write(plain)
-                tail.append(plain.rstrip("\n"))
-                if stream is not None:
-                    stream.write(line)
-                    stream.flush()
-            returncode = proc.wait()
-        except BaseException:  # an interrupt or a failing stream: lmms-eval must not run on unseen
-            proc.kill()
-            proc.wait()
-            raise
+        ) as proc:
+            try:
+                for line in proc.stdout:
+                    plain = _ANSI.sub("", line)
+                    log.write(plain)
+                    tail.append(plain.rstrip("\n"))
+                    if stream is not None:
+                        stream.write(line)
+                        stream.flush()
+                returncode = proc.wait()
+            except BaseException:  # an interrupt or a failing stream: lmms-eval must not run on unseen
+                proc.kill()
+                proc.wait()
+                raise
     results_path = find_results_file(cfg.output_path, newer_than=started - 0.01)
     if returncode != 0 or results_path is None:
         why = f"exited with status {returncode}" if returncode != 0 else "wrote no *_results.json"

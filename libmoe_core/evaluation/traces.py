@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..analysis.read import with_legacy_columns
+from ..analysis.read import columns_to_read, with_legacy_columns
 from ..analysis.schema import TRACE_SCHEMA
 
 __all__ = [
@@ -276,7 +276,7 @@ def read_traces(root: str | os.PathLike, columns: Sequence[str] | None = None) -
     names = list(TRACE_SCHEMA.names if columns is None else columns)
     tables = []
     for part in parts:  # traces written before the image/crop columns get them filled in
-        present = [c for c in names if c in pq.read_schema(part).names]
+        present = columns_to_read(names, pq.read_schema(part).names)
         table = with_legacy_columns(pq.read_table(part, columns=present), names)
         tables.append(table.cast(TRACE_SCHEMA) if columns is None else table)  # normalises list field names
     return pa.concat_tables(tables)

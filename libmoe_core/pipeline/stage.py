@@ -76,6 +76,8 @@ def run_stage(cfg: TrainConfig, resume: bool = False, show_progress: bool = True
             bar.n = record["step"]
             bar.set_postfix(loss=record.get("lm_loss") or record.get("loss"))
             bar.refresh()
+        elif line.startswith("libmoe: "):  # waiting for a busy folder, nothing left to train
+            print(line, end="", flush=True)
         else:
             tail.append(line)
 
