@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout-retries", type=int, default=0, metavar="N",
                         help="run a step whose cell timed out again, up to N times (a training step resumes from "
                         "its last complete checkpoint)")
+    parser.add_argument("--clear-outdated", action="store_true",
+                        help="delete the checkpoints, metrics and model of a training step made from an older "
+                        "upstream model before training it again (default: stop and name it)")
 
 
 def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
@@ -48,7 +51,8 @@ def run(args) -> int:
             preset=args.preset, routers=args.routers or ["smoe", "sigmoid"], stages=args.stages.split(","),
             run_name=args.run_name, runs_root=args.runs_root, stage_parameters=parse_stage_overrides(args.overrides),
         )
-        code = execute(plan, cell_timeout=args.cell_timeout, timeout_retries=args.timeout_retries)
+        code = execute(plan, cell_timeout=args.cell_timeout, timeout_retries=args.timeout_retries,
+                       clear_outdated=args.clear_outdated)
     except ValueError as err:  # a bad --stages, --router, --set, --cell-timeout or --timeout-retries
         print(f"libmoe pipeline: error: {err}", file=sys.stderr)
         return 2

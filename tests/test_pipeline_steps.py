@@ -67,15 +67,23 @@ def test_a_training_step_resumes_from_its_last_complete_checkpoint(tmp_path, mon
     run = tmp_path / "r"
     _touch(run / "pft" / "final" / "config.json", age_s=3600)
     _checkpoint(run / "sft-smoe", 4)  # a complete checkpoint: resumed
-    _checkpoint(run / "sft-sigmoid", 4, complete=False)  # nothing complete, no metrics: a fresh start
+    _checkpoint(run / "sft-sigmoid", 4, complete=False)  # nothing complete, no metrics: resumed = started over
     _checkpoint(run / "sft-cosine", 4, age_s=7200)  # older than the pft model it would continue: not resumed
     _touch(run / "sft-hyper" / "metrics.jsonl", '{"step": 1}\n')  # died before a checkpoint: resume starts afresh
-    fake = Papermill(monkeypatch, _finish_training)
     plan = plan_pipeline(stages=["sft"], routers=["smoe", "sigmoid", "cosine", "hyper"], runs_root=tmp_path,
                          run_name="r")
-    assert execute(plan, log=lambda line: None) == 0
+    # the stale cosine run would be refused by a fresh launch: the pipeline stops there, naming it
+    fake = Papermill(monkeypatch, _finish_training)
+    lines = []
+    assert execute(plan, log=lines.append) == 1
+    assert [(c["output"].parent.name, c["parameters"]["resume"]) for c in fake.calls] == [("sft-smoe", True), ("sft-sigmoid", True)]
+    assert any("sft-cosine FAILED" in line and "--clear-outdated" in line for line in lines), lines
+    # ... and with --clear-outdated deletes that run and trains afresh
+    fake = Papermill(monkeypatch, _finish_training)
+    assert execute(plan, log=lambda line: None, clear_outdated=True) == 0
     assert {c["output"].parent.name: c["parameters"]["resume"] for c in fake.calls} == {
-        "sft-smoe": True, "sft-sigmoid": False, "sft-cosine": False, "sft-hyper": True}
+        "sft-cosine": False, "sft-hyper": True}
+    assert not (run / "sft-cosine" / "checkpoints" / "checkpoint-4").exists()
 
 
 def test_a_step_made_from_something_newer_runs_again(tmp_path, monkeypatch):

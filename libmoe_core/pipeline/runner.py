@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.checkpoints import MARKER, last_complete_checkpoint
+from ..train.checkpoints import MARKER, checkpoints, last_complete_checkpoint
 
 STAGES = ("pretrain", "pft", "sft", "eval", "analysis")
 TRAINING_STAGES = ("pretrain", "pft", "sft")
@@ -57,8 +57,12 @@ class Step:
         checkpoint (or afresh when it left none), unless that predates what the stage starts from."""
         folder = self.output.parent
         last = last_complete_checkpoint(folder / "checkpoints")
-        trace = last / MARKER if last else folder / "metrics.jsonl"
-        return self.trains and trace.is_file() and not _newer(self.upstream, trace)
+        if last is not None:
+            trace = last / MARKER
+        else:  # an attempt that died before its first complete checkpoint: resuming starts it over
+            partial = [path for _, path, _ in checkpoints(folder / "checkpoints")]
+            trace = folder / "metrics.jsonl" if (folder / "metrics.jsonl").is_file() else (partial or [None])[-1]
+        return self.trains and trace is not None and trace.exists() and not _newer(self.upstream, trace)
 
 
 @dataclass
@@ -179,15 +183,25 @@ def plan_pipeline(
     return plan
 
 
+def _stale_training(step: Step) -> list[str]:
+    """An earlier run in a training step's folder that the step must not resume (made from an
+    older upstream model), which a fresh launch would refuse."""
+    from ..train.stage_folder import earlier_run_in
+
+    return earlier_run_in(step.output.parent) if step.trains and not step.resume() else []
+
+
 def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: str = "python3",
-            cell_timeout: float | None = None, timeout_retries: int = 0) -> int:
+            cell_timeout: float | None = None, timeout_retries: int = 0, clear_outdated: bool = False) -> int:
     """Run the plan's steps in order; 0 on success, 1 at the first failure (after naming it).
 
     ``cell_timeout`` (seconds, None: no limit) bounds each cell: papermill can wait forever for a
     kernel message that never arrives (nteract/papermill#711). A step whose cell timed out is run
     again up to ``timeout_retries`` times. Every attempt of a training step passes ``resume``
     (:meth:`Step.resume`), so a retry, or a rerun after a crash, continues from the last complete
-    checkpoint. Kernels run in ``plan.cwd``."""
+    checkpoint. Kernels run in ``plan.cwd``. A training step to redo whose folder holds a run made
+    from an older upstream model stops the pipeline, naming it, unless ``clear_outdated`` (then that
+    run's checkpoints, metrics and final model are deleted first)."""
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError
 
@@ -203,6 +217,16 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
             continue
         if step.outdated_by():
             log(f"[pipeline] {step.name}: outdated, {step.outdated_by()[0]} is newer than {step.done_marker}")
+        stale = _stale_training(step)
+        if stale and not clear_outdated:
+            log(f"[pipeline] {step.name} FAILED: {step.output.parent} holds a run made from an older upstream model "
+                f"({', '.join(stale[:3])}); run again with --clear-outdated to delete it, or delete it yourself")
+            return 1
+        if stale:
+            from ..train.stage_folder import clear_run
+
+            log(f"[pipeline] {step.name}: deleting the outdated run in {step.output.parent} ({', '.join(stale[:3])})")
+            clear_run(step.output.parent)
         step.output.parent.mkdir(parents=True, exist_ok=True)
         log(f"[pipeline] {step.name}: running {step.notebook.name} -> {step.output}")
         started = time.perf_counter()

@@ -37,11 +37,24 @@ class StageFolderError(RuntimeError):
 
 def earlier_run(cfg: TrainConfig) -> list[str]:
     """What of an earlier run's training state the stage folder holds (empty: nothing)."""
-    found = [path.name for _, path, _ in checkpoints.checkpoints(cfg.checkpoint_dir)]
-    metrics = cfg.stage_dir / "metrics.jsonl"
+    return earlier_run_in(cfg.stage_dir)
+
+
+def earlier_run_in(stage_dir: Path) -> list[str]:
+    found = [path.name for _, path, _ in checkpoints.checkpoints(Path(stage_dir) / "checkpoints")]
+    metrics = Path(stage_dir) / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size:
         found.append(metrics.name)
     return found
+
+
+def clear_run(stage_dir: Path) -> None:
+    """Delete a stage folder's training products (checkpoints, metrics, TensorBoard, final model)."""
+    stage_dir = Path(stage_dir)
+    for name in ("checkpoints", "tb", "final"):
+        shutil.rmtree(stage_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "config.yaml"):
+        (stage_dir / name).unlink(missing_ok=True)
 
 
 def check_fresh_start(cfg: TrainConfig) -> None:
