@@ -112,8 +112,21 @@ def test_tiny_tokenizer_rebuild_is_deterministic(tmp_path):
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"topk": 1}, TypeError, r"unknown argument\(s\) \['topk'\]"),  # was kept as an unused config attribute
     ({"image_pool": True}, ValueError, "image_pool must be a positive integer"),
-    ({"vision_feature_layer": 7}, ValueError, "vision_feature_layer=7 is outside the tower"),
 ])
 def test_build_model_refuses_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         build_model("tiny", **kwargs)
+    if error is TypeError:
+        with pytest.raises(error, match=message):
+            build_processor("tiny", **kwargs)
+
+
+@pytest.mark.parametrize(("layer", "message"), [(7, "outside the tower"), (True, "must be an integer"),
+                                                (-2.0, "must be an integer")])
+def test_config_refuses_a_bad_vision_feature_layer(layer, message):
+    from libmoe_core.model.config import LibMoEVLMConfig
+    from libmoe_core.model.presets import get_preset
+
+    tiny = get_preset("tiny")
+    with pytest.raises(ValueError, match=message):
+        LibMoEVLMConfig(vision_config=tiny.vision_config, text_config=tiny.text_config, vision_feature_layer=layer)

@@ -69,7 +69,8 @@ def test_a_training_step_resumes_from_its_last_complete_checkpoint(tmp_path, mon
     _checkpoint(run / "sft-smoe", 4)  # a complete checkpoint: resumed
     _checkpoint(run / "sft-sigmoid", 4, complete=False)  # nothing complete, no metrics: resumed = started over
     _checkpoint(run / "sft-cosine", 4, age_s=7200)  # older than the pft model it would continue: not resumed
-    _touch(run / "sft-hyper" / "metrics.jsonl", '{"step": 1}\n')  # died before a checkpoint: resume starts afresh
+    _touch(run / "sft-hyper" / "metrics.jsonl", '{"step": 1}\n', age_s=7200)  # died before a checkpoint, even
+    # before the pft model was made: resuming starts it afresh (launch clears it under the lock)
     plan = plan_pipeline(stages=["sft"], routers=["smoe", "sigmoid", "cosine", "hyper"], runs_root=tmp_path,
                          run_name="r")
     # the stale cosine run would be refused by a fresh launch: the pipeline stops there, naming it
@@ -253,3 +254,26 @@ def test_run_stage_shows_the_launchers_own_messages(monkeypatch, capsys, tmp_pat
     assert stage.run_stage(cfg, show_progress=False) == cfg.final_dir
     out = capsys.readouterr().out
     assert "waiting for the previous training run" in out and "chatter" not in out
+
+
+def test_clear_outdated_waits_for_the_stage_lock(tmp_path, monkeypatch):
+    # a run still holding the folder's lock is not deleted under it
+    from libmoe_core.train import launch as launch_module
+    from libmoe_core.train.guard import acquire_stage_lock
+
+    run = tmp_path / "r"
+    _touch(run / "pft" / "final" / "config.json")
+    _checkpoint(run / "sft-smoe", 4, age_s=7200)
+    monkeypatch.setattr(launch_module, "STAGE_LOCK_WAIT_S", 0.3)
+    held = acquire_stage_lock(run / "sft-smoe" / launch_module.STAGE_LOCK_NAME, wait_s=0)
+    fake = Papermill(monkeypatch, _finish_training)
+    lines = []
+    try:
+        plan = plan_pipeline(stages=["sft"], routers=["smoe"], runs_root=tmp_path, run_name="r")
+        assert execute(plan, log=lines.append, clear_outdated=True) == 1
+    finally:
+        os.close(held)
+    assert (run / "sft-smoe" / "checkpoints" / "checkpoint-4" / "COMPLETE").exists() and fake.calls == []
+    assert any("sft-smoe FAILED" in line and "in use by another training run" in line for line in lines), lines
+    assert execute(plan, log=lines.append, clear_outdated=True) == 0  # free: cleared, then trained
+    assert not (run / "sft-smoe" / "checkpoints").exists() and len(fake.calls) == 1

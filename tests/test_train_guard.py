@@ -239,10 +239,36 @@ def test_an_interrupted_lock_wait_leaks_no_descriptor(tmp_path):
     lock = tmp_path / ".train.lock"
     held = acquire_stage_lock(lock, wait_s=0)
     before = len(os.listdir("/proc/self/fd"))
+    def interrupt(message):  # a notebook interrupt arriving while the wait is announced
+        raise KeyboardInterrupt
+
     for _ in range(3):
         with pytest.raises(guard.LockWaitStopped):
             acquire_stage_lock(lock, wait_s=30, stop=lambda: True)
         with pytest.raises(TimeoutError):
             acquire_stage_lock(lock, wait_s=0)
+        with pytest.raises(KeyboardInterrupt):
+            acquire_stage_lock(lock, wait_s=30, say=interrupt)
     assert len(os.listdir("/proc/self/fd")) == before
     os.close(held)
+
+
+def test_the_lock_names_the_guard_and_the_launcher(tmp_path, fake_launcher):
+    # the launcher keeps the lock if the guard dies: a waiting launch's message names both
+    lock = tmp_path / ".train.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    import fcntl
+
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    proc = subprocess.Popen([sys.executable, "-I", GUARD, "--parent", str(os.getpid()), "--grace", "1",
+                             "--lock-fd", str(fd), "--", *fake_launcher], pass_fds=(fd,))
+    os.close(fd)
+    try:
+        launcher, _ = read_pids(tmp_path / "pids")
+        with pytest.raises(TimeoutError, match=rf"in use by another training run \(guard pid {proc.pid}, "
+                                               rf"launcher pid {launcher}\)"):
+            acquire_stage_lock(lock, wait_s=0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    os.close(acquire_stage_lock(lock, wait_s=5))  # free once the run is stopped

@@ -73,6 +73,9 @@ class LibMoEVLMConfig(PretrainedConfig):
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
         if isinstance(self.image_pool, bool) or not isinstance(self.image_pool, int) or self.image_pool < 1:
             raise ValueError(f"image_pool must be a positive integer, got {self.image_pool!r}")
+        layer = self.vision_feature_layer
+        if isinstance(layer, bool) or not _is_int(layer):
+            raise ValueError(f"vision_feature_layer must be an integer layer index, got {layer!r}")
         _ = self.kept_vision_layers  # raises for a vision_feature_layer outside the tower
         grid = self.patch_grid
         if grid % self.image_pool:

@@ -286,6 +286,9 @@ def build_processor(
     from .processor import LibMoEProcessor, default_image_processor
 
     spec = get_preset(preset)
+    unknown = sorted(set(overrides) - set(CONFIG_OVERRIDES))
+    if unknown:
+        raise TypeError(f"build_processor got unknown argument(s) {unknown}; config overrides it takes: {CONFIG_OVERRIDES}")
     fields = _merge(spec.model_fields, {k: v for k, v in overrides.items() if k not in ("vision_config", "text_config")})
     vision_cfg = _merge(spec.vision_config, overrides.get("vision_config"))
     if spec.vision_hub is None:

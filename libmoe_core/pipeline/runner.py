@@ -57,12 +57,10 @@ class Step:
         checkpoint (or afresh when it left none), unless that predates what the stage starts from."""
         folder = self.output.parent
         last = last_complete_checkpoint(folder / "checkpoints")
-        if last is not None:
-            trace = last / MARKER
-        else:  # an attempt that died before its first complete checkpoint: resuming starts it over
-            partial = [path for _, path, _ in checkpoints(folder / "checkpoints")]
-            trace = folder / "metrics.jsonl" if (folder / "metrics.jsonl").is_file() else (partial or [None])[-1]
-        return self.trains and trace is not None and trace.exists() and not _newer(self.upstream, trace)
+        if last is None:  # an attempt that died before its first complete checkpoint: resuming starts it over
+            partial = checkpoints(folder / "checkpoints") or (folder / "metrics.jsonl").is_file()
+            return self.trains and bool(partial) and not (folder / "final" / "config.json").is_file()
+        return self.trains and not _newer(self.upstream, last / MARKER)
 
 
 @dataclass
@@ -191,6 +189,28 @@ def _stale_training(step: Step) -> list[str]:
     return earlier_run_in(step.output.parent) if step.trains and not step.resume() else []
 
 
+def _clear_outdated_run(step: Step, log) -> None:
+    """Delete a training step's outdated run under the stage folder's lock (a run still going keeps it)."""
+    import os
+
+    from ..train.guard import acquire_stage_lock
+    from ..train.launch import STAGE_LOCK_NAME, STAGE_LOCK_WAIT_S
+    from ..train.stage_folder import StageFolderError, clear_run
+
+    folder = step.output.parent
+    try:
+        lock = acquire_stage_lock(folder / STAGE_LOCK_NAME, STAGE_LOCK_WAIT_S, say=log)
+    except TimeoutError as err:
+        raise StageFolderError(str(err)) from None
+    try:
+        stale = _stale_training(step)  # again, now that nothing else can change the folder
+        if stale:
+            log(f"[pipeline] {step.name}: deleting the outdated run in {folder} ({', '.join(stale[:3])})")
+            clear_run(folder)
+    finally:
+        os.close(lock)
+
+
 def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: str = "python3",
             cell_timeout: float | None = None, timeout_retries: int = 0, clear_outdated: bool = False) -> int:
     """Run the plan's steps in order; 0 on success, 1 at the first failure (after naming it).
@@ -223,10 +243,11 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
                 f"({', '.join(stale[:3])}); run again with --clear-outdated to delete it, or delete it yourself")
             return 1
         if stale:
-            from ..train.stage_folder import clear_run
-
-            log(f"[pipeline] {step.name}: deleting the outdated run in {step.output.parent} ({', '.join(stale[:3])})")
-            clear_run(step.output.parent)
+            try:
+                _clear_outdated_run(step, log)
+            except RuntimeError as err:  # the folder stayed locked by a run still going
+                log(f"[pipeline] {step.name} FAILED: {err}")
+                return 1
         step.output.parent.mkdir(parents=True, exist_ok=True)
         log(f"[pipeline] {step.name}: running {step.notebook.name} -> {step.output}")
         started = time.perf_counter()

@@ -52,6 +52,12 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
+def _name_holder(fd: int, holder: str) -> None:
+    """Write who holds the lock into the lock file, for a waiting launch's messages."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{holder}\n".encode(), 0)
+
+
 class LockWaitStopped(Exception):
     """The wait for a busy stage lock was given up because the caller was asked to stop."""
 
@@ -79,15 +85,14 @@ def acquire_stage_lock(path: Path, wait_s: float, say=print, stop=lambda: False)
                 raise LockWaitStopped(str(path))
             if time.monotonic() >= deadline:
                 raise TimeoutError(
-                    f"stage folder {path.parent} is in use by another training run (pid {holder}); "
+                    f"stage folder {path.parent} is in use by another training run ({holder}); "
                     f"waited {wait_s:g} s for it to stop"
                 )
             if not announced:
-                say(f"libmoe: waiting for the previous training run on {path.parent} (pid {holder}) to stop")
+                say(f"libmoe: waiting for the previous training run on {path.parent} ({holder}) to stop")
                 announced = True
             time.sleep(0.2)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _name_holder(fd, f"pid {os.getpid()}")
         return fd
     except BaseException:  # a timeout, a stop, a KeyboardInterrupt in a notebook
         os.close(fd)
@@ -161,13 +166,12 @@ def run_guarded(command: list[str], parent: int, *, lock: Path | None = None, lo
         except LockWaitStopped:
             return stop_status()
     try:
-        if lock_fd is not None:  # name ourselves as the holder, for a second launch's message
-            os.ftruncate(lock_fd, 0)
-            os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
         if should_stop():
             return stop_status()
         # The launcher keeps a copy of the lock: the folder stays locked while it lives, even past our death.
         child = subprocess.Popen(command, start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,))
+        if lock_fd is not None:  # the launcher may outlive us (and keep the lock): name both
+            _name_holder(lock_fd, f"guard pid {os.getpid()}, launcher pid {child.pid}")
         while True:
             try:
                 child.wait(timeout=0.2)
