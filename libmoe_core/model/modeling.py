@@ -191,6 +191,7 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         decoding = cache is not None and cache.get_seq_length() > 0
         moe = placed_moe_layers(self)
+        self._moe_layers_in_forward = [layer for _, _, layer in moe]  # for the checkpoint context_fn (no re-walk)
         llm_mask = real_token_mask(attention_mask, (input_ids if inputs_embeds is None else inputs_embeds).shape[1])
         for placement, _, layer in moe:
             layer.last_routing = None  # a placement that does not run (no images) reports nothing stale
@@ -261,7 +262,10 @@ def _token_mask_contexts(model, user_context_fn=None):
     """``torch.utils.checkpoint`` context_fn: (forward context, recompute context); the recompute
     runs with the MoE layers' token masks as they were when this segment ran forward."""
     forward_ctx, recompute_ctx = user_context_fn() if user_context_fn else (nullcontext(), nullcontext())
-    masks = {layer: layer.token_mask for _, _, layer in placed_moe_layers(model)}
+    layers = getattr(model, "_moe_layers_in_forward", None)  # set by this forward: no module walk per segment
+    if layers is None:
+        layers = [layer for _, _, layer in placed_moe_layers(model)]
+    masks = {layer: layer.token_mask for layer in layers}
 
     @contextmanager
     def with_forward_masks():
