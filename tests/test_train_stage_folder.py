@@ -108,6 +108,10 @@ def test_sft_from_a_model_that_already_has_moe_must_match_it(tmp_path):
     with pytest.raises(ValueError, match=r"already has MoE.*vision router: 'smoe' in the model, 'sigmoid' in the config"
                                          r".*vision num_experts: 4 in the model, 8.*llm: no MoE in the model, MoE in"):
         check_moe_settings(other)
+    from libmoe_core.train.stages import load_stage_model
+
+    with pytest.raises(ValueError, match=r"start model's MoE differs.*vision router: 'smoe' in the model"):
+        load_stage_model(other)  # the worker checks too (runners/train.py run without launch)
 
 
 def test_llm_layers_beyond_the_model_are_refused_before_launch(tmp_path):

@@ -154,8 +154,8 @@ def load_stage_model(cfg: TrainConfig):
         )
         if not model.config.moe:
             raise ValueError("sft needs at least one MoE placement: set moe_vision, moe_projector or moe_llm_layers")
-    elif cfg.stage == "sft" and moe_mismatches(cfg, model.config.moe):
-        raise ValueError(f"the start model's MoE differs from the config: {'; '.join(moe_mismatches(cfg, model.config.moe))}")
+    elif cfg.stage == "sft" and (problems := moe_mismatches(cfg, model.config.moe)):
+        raise ValueError(f"the start model's MoE differs from the config: {'; '.join(problems)}")
     set_trainable(model, cfg.stage)
     return model.to(training_dtype(cfg)), processor
 
