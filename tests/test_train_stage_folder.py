@@ -100,7 +100,10 @@ def test_sft_from_a_model_that_already_has_moe_must_match_it(tmp_path):
     from libmoe_core.model.presets import build_model
 
     start = tmp_path / "start"
+    from libmoe_core.model.presets import build_processor
+
     build_model("tiny", moe_vision=True, router="smoe").save_pretrained(start)
+    build_processor("tiny").save_pretrained(start)
     same = resolve_config("sft", overrides={"init_from": str(start), "router": "smoe"})
     check_moe_settings(same)
     other = resolve_config("sft", overrides={"init_from": str(start), "router": "sigmoid", "num_experts": 8, "top_k": 1,
