@@ -86,6 +86,13 @@ def test_hub_preset_from_local_directories(tmp_path):
     batch = processor(["<image>\nwhat color?"], [[Image.new("RGB", (40, 20), "red")]])
     out = model(**batch, labels=batch["input_ids"])
     assert torch.isfinite(out.loss) and processor.num_image_tokens == 4
+    image_id = processor.image_token_id
+    again = build_model("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm",
+                        image_token_id=image_id)  # the tokenizer's own id is accepted
+    assert again.config.image_token_id == image_id
+    with pytest.raises(ValueError, match=f"image_token_id={image_id + 1} differs"):  # was silently replaced
+        build_model("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm",
+                    image_token_id=image_id + 1)
 
 
 def test_attention_choice():
@@ -112,6 +119,8 @@ def test_tiny_tokenizer_rebuild_is_deterministic(tmp_path):
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
     ({"topk": 1}, TypeError, r"unknown argument\(s\) \['topk'\]"),  # was kept as an unused config attribute
     ({"image_pool": True}, ValueError, "image_pool must be a positive integer"),
+    # the processor inserts the tokenizer's <image> id: another one would place no image features
+    ({"image_token_id": 5}, ValueError, r"image_token_id=5 differs from the tokenizer's <image> id"),
 ])
 def test_build_model_refuses_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -212,7 +212,7 @@ def build_model(
             text_cfg.setdefault("pad_token_id", tokenizer.pad_token_id)
             text_cfg.setdefault("bos_token_id", tokenizer.bos_token_id)
             text_cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
-            fields.setdefault("image_token_id", tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+            fields["image_token_id"] = _tokenizer_image_token_id(tokenizer, fields.get("image_token_id"))
         else:
             fields.setdefault("image_token_id", text_cfg["vocab_size"] - 1)  # placeholder id for weightless builds
         config = LibMoEVLMConfig(vision_config=vision_cfg, text_config=text_cfg, **fields)
@@ -233,6 +233,16 @@ def build_model(
     return model
 
 
+def _tokenizer_image_token_id(tokenizer, requested: int | None) -> int:
+    """The tokenizer's ``<image>`` id; an ``image_token_id`` override must equal it (the
+    processor inserts the tokenizer's id, so another one would find no image tokens)."""
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if requested is not None and requested != token_id:
+        raise ValueError(f"image_token_id={requested!r} differs from the tokenizer's {IMAGE_PLACEHOLDER} id {token_id}; "
+                         "leave it unset (it is taken from the tokenizer)")
+    return token_id
+
+
 def _hub_vision_config(path: str):
     """The vision config of a tower checkpoint (full SigLIP/CLIP checkpoints hold it as vision_config)."""
     from transformers import AutoConfig
@@ -251,7 +261,7 @@ def _build_from_hub(spec: Preset, vision_path, llm_path, fields: dict, attn: str
     vision_cfg = _hub_vision_config(vision)
     text_cfg = AutoConfig.from_pretrained(llm)
     tokenizer = _hub_tokenizer(llm)
-    fields = {**fields, "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)}
+    fields = {**fields, "image_token_id": _tokenizer_image_token_id(tokenizer, fields.get("image_token_id"))}
     config = LibMoEVLMConfig(vision_config=vision_cfg.to_dict(), text_config=text_cfg.to_dict(), **fields)
     config._attn_implementation = attn
     with torch.device("meta"):
