@@ -1,0 +1,55 @@
+"""The evaluation and analysis notebooks refuse a parameter they do not declare (a misspelt ``-p``)."""
+
+import papermill
+import pytest
+from papermill.iorw import load_notebook_node
+from papermill.parameterize import parameterize_notebook
+
+from libmoe_core.pipeline.notebook_params import NOTEBOOK_PARAMETERS, check_notebook_parameters
+from libmoe_core.pipeline.runner import NOTEBOOK_DIR
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOK_PARAMETERS))
+def test_the_declared_names_are_the_parameters_cell(name):
+    assert set(papermill.inspect_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"))) == set(NOTEBOOK_PARAMETERS[name])
+
+
+def _run_cells(nb, namespace, count):
+    for cell in [c for c in nb.cells if c.cell_type == "code"][:count]:
+        exec(cell.source, namespace)  # noqa: S102
+
+
+@pytest.mark.parametrize(("name", "typo"), [("eval", "limt"), ("analysis/router_entropy", "placment"),
+                                            ("analysis/expert_collapse", "dead_expert"),
+                                            ("analysis/checkpoint_trends", "method")])
+def test_a_misspelt_parameter_stops_the_notebook_before_it_works(name, typo, monkeypatch, tmp_path):
+    from libmoe_core.pipeline import evaluate
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the notebook went on past its parameters")
+
+    monkeypatch.setattr(evaluate, "run_eval_stage", must_not_run)
+    monkeypatch.chdir(tmp_path)
+    nb = parameterize_notebook(load_notebook_node(str(NOTEBOOK_DIR / f"{name}.ipynb")), {typo: 5})
+    with pytest.raises(ValueError, match=rf"unknown {name} notebook parameter\(s\) \['{typo}'\]"):
+        _run_cells(nb, {}, 3)  # parameters, injected, the first working cell
+
+
+def test_a_rerun_in_jupyter_is_not_troubled_by_later_cells_names():
+    namespace = {"traces": [], "out_dir": "x", "by": None, "placement": "llm", "compare_method": "auto"}
+    check_notebook_parameters(namespace, "analysis/checkpoint_trends")
+    namespace.update(saved=["a.png"], names=["ckpt"])  # lists a later cell bound
+    check_notebook_parameters(namespace, "analysis/checkpoint_trends")  # the cell run again: no error
+    with pytest.raises(ValueError, match="unknown analysis/checkpoint_trends notebook parameter"):
+        check_notebook_parameters({**namespace, "_libmoe_parameters_checked": False}, "analysis/checkpoint_trends")
+    with pytest.raises(ValueError, match="no parameter list for notebook 'evl'"):
+        check_notebook_parameters({}, "evl")
+
+
+@pytest.mark.slow
+def test_papermill_run_with_a_misspelt_parameter_fails(tmp_path):
+    """The same through papermill and a real kernel (IPython's own names in the namespace)."""
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown analysis/router_entropy notebook parameter\(s\) \['placment'\]"):
+        papermill.execute_notebook(str(NOTEBOOK_DIR / "analysis" / "router_entropy.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"placment": "vision", "out_dir": str(tmp_path)}, kernel_name="python3",
+                                   progress_bar=False, execution_timeout=300, cwd=str(tmp_path))
