@@ -93,7 +93,13 @@ def main(argv=None) -> int:
     from libmoe_core.train import checkpoints
     from libmoe_core.train.config import TrainConfig, validate
     from libmoe_core.train.stage_folder import write_run_info
-    from libmoe_core.train.stages import dataset_files, load_stage_model, stage_template, trainable_summary
+    from libmoe_core.train.stages import (
+        dataset_files,
+        load_stage_model,
+        saved_template,
+        stage_template,
+        trainable_summary,
+    )
     from libmoe_core.train.trainer import (
         AtomicCheckpointCallback,
         MetricsFileCallback,
@@ -147,6 +153,7 @@ def main(argv=None) -> int:
     staging = cfg.stage_dir / ".final-staging"
     trainer.save_model(str(staging))  # gathers ZeRO-3 shards into full HF weights
     if trainer.is_world_process_zero():
+        processor.template = saved_template(cfg, processor)  # evaluation prompts as the model was trained
         processor.save_pretrained(staging)
         write_run_info(staging, cfg, trainer.state.global_step)  # a resume of this config then has nothing to do
         checkpoints.publish_dir(staging, cfg.final_dir)

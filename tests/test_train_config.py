@@ -119,6 +119,7 @@ def test_checkpoint_marker_and_rotation(tmp_path):
     ({"moe_llm_layers": [0.5, 2]}, "moe_llm_layers must be"),
     ({"moe_llm_layers": [True]}, "moe_llm_layers must be"),
     ({"moe_llm_layers": {"layers": "all", "topk": 1}}, "unknown field"),
+    ({"template": "phi-3"}, "template: unknown conversation template 'phi-3'"),  # was: an error in the worker
 ])
 def test_bad_values_are_refused_before_launch(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -172,3 +173,19 @@ def test_build_easyvqa_refuses_a_non_positive_image_count(tmp_path, capsys):
         assert main(["data", "build-easyvqa", str(tmp_path / "out"), "--max-images", n]) == 2
         assert "max_images must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_is_saved_with_the_template_it_trained_with():
+    """Evaluation and the next stage prompt in the saved processor's template: an override must reach it
+    (it was used for training only, and evaluation prompted in the preset's template)."""
+    from types import SimpleNamespace
+
+    from libmoe_core.train.stages import saved_template, stage_template
+
+    processor = SimpleNamespace(template="phi35")
+    pft = resolve_config("pft", overrides={"template": "chatml"})
+    assert stage_template(pft, processor) == saved_template(pft, processor) == "chatml"
+    sft = resolve_config("sft")
+    assert stage_template(sft, processor) == saved_template(sft, processor) == "phi35"
+    pretrain = resolve_config("pretrain")  # trains plain captions; later stages keep the chat template
+    assert (stage_template(pretrain, processor), saved_template(pretrain, processor)) == ("plain", "phi35")

@@ -38,9 +38,15 @@ def test_three_stages_under_zero3(tmp_path):
     run = {"run_dir": str(tmp_path), "zero_stage": "3", **SMALL}
     pretrain = resolve_config("pretrain", overrides=run)
     launch(pretrain, on_line=lambda line: None)
-    launch(resolve_config("pft", overrides=run), on_line=lambda line: None)
+    launch(resolve_config("pft", overrides={**run, "template": "phi3"}), on_line=lambda line: None)
     sft = resolve_config("sft", overrides={**run, "router": "sigmoid", "moe_projector": True, "moe_llm_layers": [1]})
     launch(sft, on_line=lambda line: None)
+
+    # each model is saved with the chat template it trained with (pft's override reaches sft and eval)
+    from libmoe_core.model.processor import LibMoEProcessor
+
+    assert [LibMoEProcessor.from_pretrained(tmp_path / s / "final").template for s in ("pretrain", "pft")] == ["phi35", "phi3"]
+    assert LibMoEProcessor.from_pretrained(sft.final_dir).template == "phi3"
 
     # pretrain trained the projector only: everything else is bit-identical to the start
     from libmoe_core.train.stages import load_stage_model

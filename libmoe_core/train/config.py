@@ -267,6 +267,13 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("weight_decay", "max_grad_norm", "dataloader_num_workers"):
         if not getattr(cfg, name) >= 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)!r}")
+    if cfg.template is not None:
+        from ..data.templates import get_template
+
+        try:
+            get_template(cfg.template)
+        except ValueError as err:
+            raise ValueError(f"template: {err}") from None
     if cfg.save_total_limit < 1:
         raise ValueError(f"save_total_limit must be >= 1 (resuming needs a checkpoint), got {cfg.save_total_limit!r}")
     if cfg.max_samples is not None and cfg.max_samples < 1:

@@ -52,7 +52,15 @@ def dataset_files(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def stage_template(cfg: TrainConfig, processor) -> str:
+    """The conversation template the stage trains with."""
     return cfg.template or STAGE_TEMPLATE.get(cfg.stage, processor.template)
+
+
+def saved_template(cfg: TrainConfig, processor) -> str:
+    """The chat template the stage's model is saved with, which evaluation and the next stage prompt in:
+    the one it trained with, except after a stage whose own format is not a chat (pretrain's plain
+    captions), which keeps the processor's."""
+    return processor.template if cfg.stage in STAGE_TEMPLATE else stage_template(cfg, processor)
 
 
 def training_dtype(cfg: TrainConfig) -> torch.dtype:
