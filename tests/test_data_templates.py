@@ -54,14 +54,26 @@ CONVERSATIONS = [
     # text-only ShareGPT record with a system turn and edge whitespace
     [{"from": "system", "value": "You are terse."}, {"from": "human", "value": "Is there a dog? "},
      {"from": "gpt", "value": " No. "}],
+    # two images interleaved with the text: placeholders stay where they are
+    [{"from": "human", "value": "Is <image> the same shape as <image>?"}, {"from": "gpt", "value": "no"}],
     # empty system message (Phi-3.5 drops it, Phi-3 keeps it)
     [{"from": "system", "value": ""}, {"from": "human", "value": "hello"}, {"from": "gpt", "value": "Yes."}],
 ]
 
 
+def llava_multimodal(value):
+    """LLaVA's preprocess_multimodal for a turn with one <image>, written out as the oracle: the
+    placeholder removed, the text stripped, then "<image>\n" in front."""
+    if value.count("<image>") == 1:
+        value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+    return value
+
+
 def as_messages(conv):
+    """The messages the official template gets: user turns placed as LLaVA places them."""
     role = {"human": "user", "gpt": "assistant", "system": "system"}
-    return [{"role": role[t["from"]], "content": t["value"]} for t in conv]
+    return [{"role": role[t["from"]], "content": llava_multimodal(t["value"]) if t["from"] == "human" else t["value"]}
+            for t in conv]
 
 
 @pytest.fixture(scope="module", params=["bytelevel", "metaspace"])
@@ -132,6 +144,28 @@ def test_prompt_matches_generation_prompt(tokenizers_by_name, name):
     full = tpl.render_text(CONVERSATIONS[1], tok)
     prompt = tpl.prompt(CONVERSATIONS[1][0]["value"])
     assert full.startswith(prompt) and full[len(prompt):].startswith(CONVERSATIONS[1][1]["value"])
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_a_single_image_goes_first_in_training_and_prompts(name):
+    """A 558K-style "text\n<image>" turn trains with the image first, the layout LLaVA trains and the
+    generation prompt uses (it trained "text\n<image>" while evaluation prompted "<image>\ntext")."""
+    import dataclasses
+
+    from libmoe_core.model.presets import build_processor
+
+    processor = build_processor("tiny", template=name)
+    tok, tpl = processor.tokenizer, get_template(name)
+    record = CONVERSATIONS[1]
+    text = tpl.render_text(record, tok)
+    assert "<image>\nDescribe the image briefly." in text and "briefly.\n<image>" not in text
+    assert tpl.prompt("Describe the image briefly.\n<image>") == tpl.prompt("<image>\nDescribe the image briefly.")
+    # the processor's prompt (placeholder prepended when absent) is the training text's prefix
+    assert text.startswith(processor.prompt("Describe the image briefly."))
+    # several placeholders stay in place; the layout can be kept as written
+    assert "Is <image> the same shape as <image>?" in tpl.render_text(CONVERSATIONS[3], tok)
+    as_written = dataclasses.replace(tpl, move_image_first=False)
+    assert "briefly.\n<image>" in as_written.render_text(record, tok)
 
 
 def test_plain_is_image_then_caption(style):

@@ -7,6 +7,10 @@ assistant answers, their end-of-turn token included; everything else is ``IGNORE
 
 ``<image>`` placeholders stay in the text; the tokenizer must know ``<image>`` as one
 added special token, and the collator expands it later (:mod:`libmoe_core.tokens`).
+A chat template moves a user turn's single placeholder to the turn's start, as LLaVA's
+``preprocess_multimodal`` does (``"What is this?\n<image>"`` -> ``"<image>\nWhat is this?"``),
+so training text and generation prompts (:meth:`LibMoEProcessor.prompt`) share one layout;
+a turn with several placeholders keeps them where they are (interleaved images).
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ def normalize_turns(conversations: list[dict]) -> list[tuple[str, str]]:
             idx = j + (len(turns) - len(body))
             raise ValueError(f"turn {idx}: role {role!r} where {expected!r} was expected (human/gpt alternate)")
     return turns
+
+
+def image_first(text: str) -> str:
+    """LLaVA's placement: a text with exactly one ``<image>`` becomes ``<image>\n`` + the rest, stripped;
+    any other text is returned unchanged."""
+    if text.count(IMAGE_PLACEHOLDER) != 1:
+        return text
+    return (IMAGE_PLACEHOLDER + "\n" + text.replace(IMAGE_PLACEHOLDER, "").strip()).strip()
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,7 @@ class ChatTemplate(ConversationTemplate):
     skip_empty_system: bool = False
     trim: bool = False
     eos_after_last: bool = False  # the official template appends ``eos_token`` (Phi-3)
+    move_image_first: bool = True  # a user turn's single <image> goes first (:func:`image_first`)
 
     @property
     def stop_strings(self) -> list[str]:
@@ -102,6 +115,10 @@ class ChatTemplate(ConversationTemplate):
 
     def _clean(self, text: str) -> str:
         return text.strip() if self.trim else text
+
+    def _user(self, text: str) -> str:
+        """One user turn's text in the template."""
+        return self.user_fmt.format(self._clean(image_first(text) if self.move_image_first else text))
 
     def _head(self, turns: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
         head = self.bos
@@ -121,7 +138,7 @@ class ChatTemplate(ConversationTemplate):
         out: list[tuple[str, bool]] = [(head, False)]
         for role, text in turns:
             if role == "user":
-                out.append((self.user_fmt.format(self._clean(text)), False))
+                out.append((self._user(text), False))
             else:
                 out.append((self.assistant_prefix, False))
                 out.append((self._clean(text) + self.end_of_turn, True))
@@ -139,7 +156,7 @@ class ChatTemplate(ConversationTemplate):
         text = head
         for role, value in turns:
             if role == "user":
-                text += self.user_fmt.format(self._clean(value))
+                text += self._user(value)
             else:
                 text += self.assistant_prefix + self._clean(value) + self.end_of_turn + self.turn_sep
         return text + self.assistant_prefix
