@@ -210,6 +210,20 @@ def test_a_missing_annotation_file_stops_even_the_skip_policy(folder):
         LLaVADataset.from_files([good, folder / "nope.json"], folder / "img", policy="skip")
 
 
+def test_relative_image_paths_without_an_image_folder_stop_every_policy(folder, monkeypatch):
+    # they passed validation unchecked and failed at the first sample read (or read a file
+    # of the same name in the working directory)
+    path = write_json(folder / "rel.json", GOOD)
+    monkeypatch.chdir(folder / "img")  # where "good.png" would silently resolve
+    for policy in ("error", "skip"):
+        with pytest.raises(ValueError, match=rf"rel.json: record '{GOOD[0]['id']}' has the relative image path "
+                                             r"'good.png' \(4 relative path\(s\) in all\) but no image folder"):
+            LLaVADataset.from_files(path, None, policy=policy)
+    assert len(LLaVADataset.from_files(path, folder / "img")) == len(GOOD)
+    text_only = write_json(folder / "text.json", [{"id": "t", "conversations": conv("Hi", "Hello")}])
+    assert len(LLaVADataset.from_files(text_only, None)) == 1
+
+
 def test_absolute_image_paths_are_checked_without_an_image_folder(folder):
     records = [{"id": "abs-missing", "image": str(folder / "img" / "gone.png"), "conversations": conv()},
                {"id": "abs-ok", "image": str(folder / "img" / "good.png"), "conversations": conv()}]

@@ -41,6 +41,8 @@ class LLaVADataset(Dataset):
             one = read_records(p)
             loaded.records += one.records
             loaded.problems += one.problems
+        if image_folder is None and check_image_files:
+            _refuse_relative_images(loaded.records)
         report = Report([str(p) for p in paths], len(loaded.records), list(loaded.problems))
         report.problems += check_records(loaded.records, image_folder, check_image_files=check_image_files,
                                          decode=decode, tokenizer=tokenizer, template=template,
@@ -78,6 +80,17 @@ class LLaVADataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """``lengths`` signed by modality: positive with images, negative for text-only samples."""
         return [n if r.images else -n for n, r in zip(self.lengths, self.records)]
+
+
+def _refuse_relative_images(records: list[Record]) -> None:
+    """Relative image paths need an image folder: without one they could not be checked up front
+    and would be read from the working directory. A configuration error under every data policy."""
+    relative = [(r, rel) for r in records for rel in r.images if not Path(rel).is_absolute()]
+    if relative:
+        rec, rel = relative[0]
+        raise ValueError(f"{rec.file}: record {rec.id!r} has the relative image path {rel!r} "
+                         f"({len(relative)} relative path(s) in all) but no image folder was given; "
+                         "set image_folder (the folder those paths are relative to)")
 
 
 def _words(rec: Record) -> int:
