@@ -172,3 +172,36 @@ def test_from_pretrained_expands_a_home_folder(tmp_path, monkeypatch):
     assert LibMoEVLMForCausalLM.from_pretrained("~/ckpt", strict=False).config.moe == model.config.moe
     with pytest.raises(FileNotFoundError, match="checkpoint folder not found"):
         LibMoEVLMForCausalLM.from_pretrained("~/nope")
+
+
+@pytest.mark.parametrize("tower", ["siglip", "clip"])
+def test_image_aspect_means_the_same_for_siglip_and_clip(tower):
+    """A wide image, red left quarter, blue right quarter: ``resize`` keeps both (a CLIP processor
+    centre-cropped them away), ``crop`` keeps the white centre, ``pad`` adds mean-colour rows."""
+    from libmoe_core.model.presets import load_tiny_tokenizer
+    from libmoe_core.model.processor import default_image_processor
+
+    vision = {"image_size": 28, "model_type": "clip_vision_model" if tower == "clip" else "siglip_vision_model"}
+    pixels = np.full((64, 256, 3), 255, dtype=np.uint8)
+    pixels[:, :64] = (255, 0, 0)
+    pixels[:, 192:] = (0, 0, 255)
+    image = Image.fromarray(pixels)
+
+    def unnormalised(aspect):  # [3, 28, 28] in 0..1
+        proc = LibMoEProcessor(load_tiny_tokenizer(), default_image_processor(vision), num_image_tokens=4,
+                               image_aspect=aspect)
+        px = proc.preprocess_images([image])[0]
+        ip = proc.image_processor
+        return px * torch.tensor(ip.image_std)[:, None, None] + torch.tensor(ip.image_mean)[:, None, None]
+
+    red, blue, white = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0]), torch.ones(3)
+    stretched = unnormalised("resize")
+    assert stretched.shape == (3, 28, 28)
+    assert torch.allclose(stretched[:, 14, 0], red, atol=0.05) and torch.allclose(stretched[:, 14, -1], blue, atol=0.05)
+    centre = unnormalised("crop")
+    assert torch.allclose(centre[:, 14, 0], white, atol=0.05) and torch.allclose(centre[:, 14, -1], white, atol=0.05)
+    padded = unnormalised("pad")
+    assert torch.allclose(padded[:, 14, 0], red, atol=0.05) and torch.allclose(padded[:, 0, 14], torch.tensor(
+        [round(255 * m) / 255 for m in default_image_processor(vision).image_mean]), atol=0.02)
+    with pytest.raises(ValueError, match="image_aspect must be one of"):
+        LibMoEProcessor(load_tiny_tokenizer(), default_image_processor(vision), num_image_tokens=4, image_aspect="fit")

@@ -2,8 +2,10 @@
 
 Text holds one ``<image>`` per image; the processor tokenises it, expands each
 placeholder to ``num_image_tokens`` copies, pads (left for generation, right for
-training) and turns images into ``pixel_values`` (padded to square with the image
-processor's mean colour, LibMoE's ``pad``, or simply resized).
+training) and turns images into ``pixel_values``, made square by ``image_aspect``:
+``pad`` (on the image processor's mean colour, LibMoE / LLaVA's expand2square), ``resize``
+(stretched: the whole image, aspect ratio changed) or ``crop`` (the centre square: LLaVA's
+path without padding on CLIP), the same for SigLIP and CLIP towers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from ..images import to_rgb
 from ..tokens import IMAGE_PLACEHOLDER, expand_image_tokens
 
-IMAGE_ASPECTS = ("pad", "resize")
+IMAGE_ASPECTS = ("pad", "resize", "crop")
 CONFIG_NAME = "libmoe_processor.json"
 
 
@@ -43,6 +45,21 @@ def pad_to_square(image, fill: tuple[int, int, int]):
     canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
+
+
+def centre_square(image):
+    """The largest centred square of ``image`` (what a shortest-edge resize and a centre crop keep)."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def square_side(image_processor) -> int:
+    """The side of the square images ``image_processor`` outputs (its crop size when it crops)."""
+    crop = getattr(image_processor, "crop_size", None)
+    size = crop if getattr(image_processor, "do_center_crop", False) and crop else image_processor.size
+    return int(size.get("height") or size["shortest_edge"])
 
 
 class LibMoEProcessor:
@@ -76,6 +93,13 @@ class LibMoEProcessor:
             mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
             fill = tuple(round(255 * m) for m in mean)
             images = [pad_to_square(im, fill) for im in images]
+        elif self.image_aspect == "resize":  # square first: a CLIP processor would centre-crop the rest
+            from PIL import Image
+
+            side = square_side(self.image_processor)
+            images = [im.resize((side, side), Image.Resampling.BICUBIC) for im in images]
+        else:
+            images = [centre_square(im) for im in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     # ---- text
