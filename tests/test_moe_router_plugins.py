@@ -63,3 +63,15 @@ def test_a_broken_router_module_is_named(tmp_path):
     assert proc.returncode != 0
     assert "router module 'broken_routers' (from $LIBMOE_ROUTER_MODULES) failed to import" in proc.stderr
     assert "typo in my router" in proc.stderr
+
+
+def test_routers_lists_a_plugin_without_a_docstring(tmp_path):
+    # `libmoe routers` took each class's first docstring line and crashed (IndexError) without one
+    (tmp_path / "bare_routers.py").write_text(ROUTER_MODULE.format(name="bare_plugin").replace(
+        '    """A user\'s router living in a package of their own."""', "    pass"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LIBMOE_ROUTER_MODULES": "bare_routers"}
+    listed = subprocess.run([sys.executable, "-m", "libmoe_core.cli", "routers"], capture_output=True, text=True,
+                            env=env, check=False)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert any(line.split()[0] == "bare_plugin" for line in listed.stdout.splitlines() if line.strip())
+    assert any(line.startswith("smoe") for line in listed.stdout.splitlines())

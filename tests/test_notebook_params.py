@@ -5,7 +5,7 @@ import pytest
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from libmoe_core.pipeline.notebook_params import NOTEBOOK_PARAMETERS, check_notebook_parameters
+from libmoe_core.pipeline.notebook_params import NOTEBOOK_PARAMETERS, as_list, check_notebook_parameters
 from libmoe_core.pipeline.runner import NOTEBOOK_DIR
 
 
@@ -53,3 +53,23 @@ def test_papermill_run_with_a_misspelt_parameter_fails(tmp_path):
         papermill.execute_notebook(str(NOTEBOOK_DIR / "analysis" / "router_entropy.ipynb"), str(tmp_path / "out.ipynb"),
                                    parameters={"placment": "vision", "out_dir": str(tmp_path)}, kernel_name="python3",
                                    progress_bar=False, execution_timeout=300, cwd=str(tmp_path))
+
+
+def test_list_parameters_take_one_string_as_one_item():
+    # papermill's -p never makes a list: `-p traces run/traces` reached the notebook as a string
+    # and `traces[-1:]` read the trace "s"
+    assert as_list("runs/demo/eval-smoe/traces") == ["runs/demo/eval-smoe/traces"]
+    assert as_list(["a", "b"]) == ["a", "b"] and as_list(()) == []
+
+
+@pytest.mark.slow
+def test_an_analysis_notebook_takes_one_trace_with_p(tmp_path):
+    from libmoe_core.analysis import write_demo_traces
+
+    trace = write_demo_traces(tmp_path / "t", num_checkpoints=1, num_docs=4, tokens_per_doc=8, num_layers=2)[0]
+    work = tmp_path / "work"  # nothing here: a path made of the string's last character resolves to nothing
+    work.mkdir()
+    papermill.execute_notebook(str(NOTEBOOK_DIR / "analysis" / "expert_collapse.ipynb"), str(tmp_path / "out.ipynb"),
+                               parameters={"traces": str(trace), "out_dir": str(tmp_path / "fig")},
+                               kernel_name="python3", progress_bar=False, execution_timeout=600, cwd=str(work))
+    assert (tmp_path / "fig" / "max_load_ratio.png").is_file()

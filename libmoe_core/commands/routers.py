@@ -12,7 +12,7 @@ def run(args) -> int:
     load_router_plugins()
     for name, cls in sorted(ROUTERS.items()):
         aliases = [a for a, n in ROUTER_ALIASES.items() if n == name]
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        doc = ((cls.__doc__ or "").strip().splitlines() or [""])[0]  # a plugin may have no docstring
         alias_text = f" (LibMoE: {', '.join(aliases)})" if aliases else ""
         print(f"{name:<17}{alias_text:<32} {doc}")
     return 0

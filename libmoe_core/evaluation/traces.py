@@ -1,7 +1,7 @@
 """Streamed Parquet writer for expert-routing traces recorded during evaluation.
 
-One evaluation run writes one Parquet dataset, ``<output_path>/traces/part-00000.parquet``,
-``part-00001.parquet``, ... Every row is one token at one MoE layer::
+One evaluation run writes one Parquet dataset, ``<output_path>/traces/part-r0-00000.parquet``,
+``part-r0-00001.parquet``, ... (``r<rank>``: one series per evaluation process). Every row is one token at one MoE layer::
 
     task        string     lmms-eval task name
     doc_id      int64      document index inside the task's split

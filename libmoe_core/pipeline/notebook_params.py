@@ -32,3 +32,9 @@ def check_notebook_parameters(namespace: dict, notebook: str) -> None:
     if unknown:
         raise ValueError(f"unknown {notebook} notebook parameter(s) {unknown}; it takes {sorted(declared)}")
     namespace[_CHECKED] = True
+
+
+def as_list(value) -> list:
+    """A list parameter as given with ``-y 'traces: [a, b]'``, or one string as ``-p traces PATH``
+    passes it (papermill's ``-p`` never makes a list), as a one-item list."""
+    return [value] if isinstance(value, str) else list(value)
