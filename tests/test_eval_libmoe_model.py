@@ -157,6 +157,49 @@ def test_loglikelihood_prefers_the_greedy_answer(checkpoint):
         assert is_greedy
 
 
+def test_generation_limit_is_the_tasks_own(checkpoint, tmp_path):
+    """A task's max_new_tokens reaches generate (a default cap of 64 cut MathVista's 16384 and POPE's 128
+    silently); a task without one gets lmms-eval's 1024; the model argument caps, logged once per task."""
+    from loguru import logger
+
+    seen = []
+
+    def spy(lm):
+        def generate(input_ids, **settings):
+            seen.append(settings["max_new_tokens"])
+            return torch.cat([input_ids, input_ids[:, -2:]], dim=1)  # two "new" tokens
+
+        lm.model.generate = generate
+        return lm
+
+    def request(limit):
+        kwargs = {"until": ["\n\n"]} | ({} if limit is None else {"max_new_tokens": limit})
+        return Request((QUESTIONS[0], kwargs, lambda doc: doc["images"], 0, "toy", "test"))
+
+    spy(make(checkpoint)).generate_until([request(16384)])
+    spy(make(checkpoint)).generate_until([request(None)])
+    assert seen == [16384, 1024]
+    messages = []
+    sink = logger.add(messages.append, level="WARNING")
+    try:
+        capped = spy(make(checkpoint, max_new_tokens=50))
+        capped.generate_until([request(128)])
+        capped.generate_until([request(128)])
+        capped.generate_until([request(16)])
+    finally:
+        logger.remove(sink)
+    assert seen[2:] == [50, 50, 16]
+    assert len(messages) == 1 and "toy asks for up to 128 new tokens" in messages[0] and "cuts it to 50" in messages[0]
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        make(checkpoint, max_new_tokens=0)
+    # beams are rows of their own, reordered at every step: routing traces refuse them
+    traced = make(checkpoint, return_id_experts=True, trace_dir=str(tmp_path / "t"))
+    beams = Request((QUESTIONS[0], {"max_new_tokens": 3, "num_beams": 2}, lambda doc: doc["images"], 0, "toy", "test"))
+    with pytest.raises(ValueError, match="routing traces .* need num_beams=1; toy generates with num_beams=2"):
+        traced.generate_until([beams])
+    traced.clean()
+
+
 def test_unknown_model_argument_and_template(checkpoint):
     with pytest.raises(ValueError, match="unknown model arguments"):
         make(checkpoint, temperature_boost=3)

@@ -3,7 +3,8 @@
     python -m lmms_eval --model libmoe --model_args pretrained=PATH[,conv_template=phi35][,...] ...
 
 Model arguments: ``pretrained`` (a saved LibMoEVLMForCausalLM + processor folder),
-``conv_template`` (override the processor's), ``max_new_tokens`` (cap, default 64),
+``conv_template`` (override the processor's), ``max_new_tokens`` (an optional cap on every
+task's own limit, logged when it cuts one; a task without a limit gets lmms-eval's 1024),
 ``device``/``dtype``/``attn_implementation``, and for routing traces
 ``return_id_experts=true``, ``trace_dir=DIR``, ``layers_expert_selection=1;2;3`` (default:
 all layers), ``placements=vision;llm`` (default: all), ``checkpoint=NAME`` (the trace's
@@ -24,6 +25,7 @@ from collections import defaultdict
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
+from loguru import logger as eval_logger
 from tqdm import tqdm
 
 from ..images import to_rgb
@@ -58,6 +60,10 @@ def _cut(text: str, stops: list[str]) -> str:
     return text.strip()
 
 
+#: generation limit of a task whose generation_kwargs set none (what lmms-eval's own llava uses)
+TASK_DEFAULT_MAX_NEW_TOKENS = 1024
+
+
 class LibMoE(lmms):
     """lmms-eval model wrapping :class:`libmoe_core.model.LibMoEVLMForCausalLM`."""
 
@@ -72,7 +78,7 @@ class LibMoE(lmms):
         placements=None,
         trace_dir: str | None = None,
         checkpoint: str | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int | None = None,
         batch_size=1,
         device: str | None = None,
         dtype: str = "auto",
@@ -101,7 +107,10 @@ class LibMoE(lmms):
             self.processor.get_template()  # unknown names fail here, listing the known ones
         self.stops = list(self.processor.get_template().stop_strings)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
-        self.max_new_tokens = int(max_new_tokens)
+        self.max_new_tokens = None if str(max_new_tokens).lower() in ("none", "") else int(max_new_tokens)
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"libmoe: max_new_tokens must be >= 1, got {max_new_tokens!r}")
+        self._capped_tasks: set[str] = set()
         self.checkpoint = str(checkpoint or pretrained)
         self.drop_top1 = parse_bool(drop_top1)  # ablation: every token loses its top-1 expert
         if self.drop_top1 and not self.model.config.moe:
@@ -153,6 +162,19 @@ class LibMoE(lmms):
         bar.close()
         return answers
 
+    def _max_new_tokens(self, gen_kwargs: dict, task: str) -> int:
+        """The task's own generation limit (lmms-eval's 1024 when it sets none), cut to the
+        ``max_new_tokens`` model argument when one is given; a cut is logged once per task."""
+        asked = gen_kwargs.get("max_new_tokens")
+        asked = TASK_DEFAULT_MAX_NEW_TOKENS if asked is None else int(asked)
+        if self.max_new_tokens is None or self.max_new_tokens >= asked:
+            return asked
+        if task not in self._capped_tasks:
+            self._capped_tasks.add(task)
+            eval_logger.warning(f"libmoe: {task} asks for up to {asked} new tokens; the max_new_tokens model "
+                                f"argument cuts it to {self.max_new_tokens} (scores then differ from the task's)")
+        return self.max_new_tokens
+
     @torch.no_grad()
     def _generate_batch(self, requests: list[Instance]) -> list[str]:
         contexts, images, stops = [], [], []
@@ -167,11 +189,14 @@ class LibMoE(lmms):
         inputs = self._inputs(contexts, images)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         settings = dict(
-            max_new_tokens=min(int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)), self.max_new_tokens),
+            max_new_tokens=self._max_new_tokens(gen_kwargs, requests[0].args[4]),
             do_sample=temperature > 0, num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
         )
         if temperature > 0:
             settings.update(temperature=temperature, top_p=gen_kwargs.get("top_p") or 1.0)
+        if self.writer is not None and settings["num_beams"] > 1:  # rows are beams, reordered every step
+            raise ValueError(f"libmoe: routing traces (return_id_experts=true) need num_beams=1; "
+                             f"{requests[0].args[4]} generates with num_beams={settings['num_beams']}")
         with self._routing_mode():
             if self.writer is None:
                 output = self.model.generate(**inputs, **settings)
