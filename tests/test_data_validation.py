@@ -222,6 +222,12 @@ def test_relative_image_paths_without_an_image_folder_stop_every_policy(folder, 
     assert len(LLaVADataset.from_files(path, folder / "img")) == len(GOOD)
     text_only = write_json(folder / "text.json", [{"id": "t", "conversations": conv("Hi", "Hello")}])
     assert len(LLaVADataset.from_files(text_only, None)) == 1
+    # a malformed image field is the structure check's to report (skip drops it), not a crash here
+    mixed = write_json(folder / "mixed.json", [{"id": "t", "conversations": conv("Hi", "Hello")},
+                                               {"id": "bad", "image": 5, "conversations": conv()}])
+    assert [r.id for r in LLaVADataset.from_files(mixed, None, policy="skip").records] == ["t"]
+    with pytest.raises(DataValidationError, match="'bad'"):
+        LLaVADataset.from_files(mixed, None)
 
 
 def test_absolute_image_paths_are_checked_without_an_image_folder(folder):

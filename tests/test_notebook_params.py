@@ -35,6 +35,17 @@ def test_a_misspelt_parameter_stops_the_notebook_before_it_works(name, typo, mon
         _run_cells(nb, {}, 3)  # parameters, injected, the first working cell
 
 
+def test_papermill_inject_paths_names_are_not_parameters():
+    nb = parameterize_notebook(load_notebook_node(str(NOTEBOOK_DIR / "eval.ipynb")), {"limit": 1})
+    namespace = {"PAPERMILL_INPUT_PATH": "notebooks/eval.ipynb", "PAPERMILL_OUTPUT_PATH": "out/eval.ipynb"}
+    for cell in [c for c in nb.cells if c.cell_type == "code"][:2]:  # parameters, injected
+        exec(cell.source, namespace)  # noqa: S102
+    check_notebook_parameters(namespace, "eval")  # papermill --inject-paths: no error
+    from libmoe_core.pipeline.stage import notebook_parameters
+
+    assert "PAPERMILL_INPUT_PATH" not in notebook_parameters(namespace) and notebook_parameters(namespace)["limit"] == 1
+
+
 def test_a_rerun_in_jupyter_is_not_troubled_by_later_cells_names():
     namespace = {"traces": [], "out_dir": "x", "by": None, "placement": "llm", "compare_method": "auto"}
     check_notebook_parameters(namespace, "analysis/checkpoint_trends")
@@ -60,6 +71,7 @@ def test_list_parameters_take_one_string_as_one_item():
     # and `traces[-1:]` read the trace "s"
     assert as_list("runs/demo/eval-smoe/traces") == ["runs/demo/eval-smoe/traces"]
     assert as_list(["a", "b"]) == ["a", "b"] and as_list(()) == []
+    assert as_list(None) == [] and as_list("") == []  # `-p traces None`: the synthetic demo, as before
 
 
 @pytest.mark.slow

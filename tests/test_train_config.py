@@ -189,3 +189,7 @@ def test_the_model_is_saved_with_the_template_it_trained_with():
     assert stage_template(sft, processor) == saved_template(sft, processor) == "phi35"
     pretrain = resolve_config("pretrain")  # trains plain captions; later stages keep the chat template
     assert (stage_template(pretrain, processor), saved_template(pretrain, processor)) == ("plain", "phi35")
+    chat_pretrain = resolve_config("pretrain", overrides={"template": "chatml"})  # a chat is kept, any stage
+    assert stage_template(chat_pretrain, processor) == saved_template(chat_pretrain, processor) == "chatml"
+    plain_sft = resolve_config("sft", overrides={"template": "plain"})
+    assert (stage_template(plain_sft, processor), saved_template(plain_sft, processor)) == ("plain", "phi35")

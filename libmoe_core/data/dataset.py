@@ -85,12 +85,20 @@ class LLaVADataset(Dataset):
 def _refuse_relative_images(records: list[Record]) -> None:
     """Relative image paths need an image folder: without one they could not be checked up front
     and would be read from the working directory. A configuration error under every data policy."""
-    relative = [(r, rel) for r in records for rel in r.images if not Path(rel).is_absolute()]
+    relative = [(r, rel) for r in records for rel in _images_or_none(r) if not Path(rel).is_absolute()]
     if relative:
         rec, rel = relative[0]
         raise ValueError(f"{rec.file}: record {rec.id!r} has the relative image path {rel!r} "
                          f"({len(relative)} relative path(s) in all) but no image folder was given; "
                          "set image_folder (the folder those paths are relative to)")
+
+
+def _images_or_none(rec: Record) -> list[str]:
+    """The record's image paths; none for a malformed ``image`` field (the structure check reports it)."""
+    try:
+        return rec.images
+    except ValueError:
+        return []
 
 
 def _words(rec: Record) -> int:

@@ -1,8 +1,9 @@
 """Conversation templates: LLaVA records -> (input_ids, labels) and generation prompts.
 
 A template turns ``[{from: human|gpt|system, value}]`` (or ``{role, content}``) into the
-text the official chat template of the language model would produce, tokenises it in
-one piece (so ids equal ``tokenizer.apply_chat_template(...)``) and keeps labels only on
+text the official chat template of the language model would produce (for the turns with
+their ``<image>`` placed as below), tokenises it in one piece (so ids equal
+``tokenizer.apply_chat_template(...)`` of those turns) and keeps labels only on
 assistant answers, their end-of-turn token included; everything else is ``IGNORE_INDEX``.
 
 ``<image>`` placeholders stay in the text; the tokenizer must know ``<image>`` as one

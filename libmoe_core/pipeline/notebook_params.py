@@ -36,5 +36,7 @@ def check_notebook_parameters(namespace: dict, notebook: str) -> None:
 
 def as_list(value) -> list:
     """A list parameter as given with ``-y 'traces: [a, b]'``, or one string as ``-p traces PATH``
-    passes it (papermill's ``-p`` never makes a list), as a one-item list."""
+    passes it (papermill's ``-p`` never makes a list), as a one-item list; None and "" as empty."""
+    if value is None or value == "":
+        return []
     return [value] if isinstance(value, str) else list(value)

@@ -26,14 +26,15 @@ NON_CONFIG_PARAMETERS = {"run_name", "runs_root", "stage_tag", "resume"}
 def notebook_parameters(namespace: dict) -> dict:
     """Every parameter in a notebook's namespace: each name its ``parameters`` cell or papermill's injected
     cell bound, known or not, so that a misspelt ``-p max_step 2`` reaches :func:`stage_config` and is
-    reported. Left out: IPython's own names, private names, and values papermill cannot inject (modules,
+    reported. Left out: IPython's own names, private names, ``papermill --inject-paths``' ``PAPERMILL_*``
+    names, and values papermill cannot inject (modules,
     functions, a later cell's ``cfg``), so re-running the cell in Jupyter works."""
     from IPython import get_ipython
 
     hidden = getattr(get_ipython(), "user_ns_hidden", {})
     injectable = (type(None), bool, int, float, str, list, dict)
     return {k: v for k, v in namespace.items()
-            if k not in hidden and not k.startswith("_") and isinstance(v, injectable)}
+            if k not in hidden and not k.startswith(("_", "PAPERMILL_")) and isinstance(v, injectable)}
 
 
 def stage_config(stage: str, **params) -> TrainConfig:

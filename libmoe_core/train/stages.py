@@ -58,9 +58,11 @@ def stage_template(cfg: TrainConfig, processor) -> str:
 
 def saved_template(cfg: TrainConfig, processor) -> str:
     """The chat template the stage's model is saved with, which evaluation and the next stage prompt in:
-    the one it trained with, except after a stage whose own format is not a chat (pretrain's plain
-    captions), which keeps the processor's."""
-    return processor.template if cfg.stage in STAGE_TEMPLATE else stage_template(cfg, processor)
+    the one it trained with, unless that is no chat (``plain``: pretrain's captions), then the processor's."""
+    from ..data.templates import ChatTemplate, get_template
+
+    trained = stage_template(cfg, processor)
+    return trained if isinstance(get_template(trained), ChatTemplate) else processor.template
 
 
 def training_dtype(cfg: TrainConfig) -> torch.dtype:
