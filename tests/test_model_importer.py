@@ -121,3 +121,76 @@ def test_mm_projector_bin_file(tmp_path):
     report = load_libmoe_checkpoint(model, tmp_path / "mm_projector.bin")
     assert report.loaded == ["projector.0.bias", "projector.0.weight", "projector.2.bias", "projector.2.weight"]
     assert torch.equal(model.projector[2].weight, sd["model.mm_projector.2.weight"])
+
+
+def _gate_keys(sd):
+    return [k for k in sd if k.endswith("moelayer.gate.weight")]
+
+
+def test_a_projected_router_checkpoint_does_not_import_its_unused_gate():
+    """LibMoE's smoe_cosinegating / smoe_perturbed (v2) / xmoe route through inp_reduction and
+    expert_embeddings; their gate Linear is created but never used. It was loaded as our cosine
+    router's gate: routing unrelated to LibMoE's, with nothing reported."""
+    model = build_model("tiny", image_pool=1, moe_vision=True, moe_projector=True, num_experts=E, router="cosine")
+    sd = libmoe_state_dict(model)
+    for gate in _gate_keys(sd):
+        layer = gate[: -len(".gate.weight")]
+        sd[layer + ".inp_reduction.weight"] = torch.randn(E // 2, sd[gate].shape[1])
+        sd[layer + ".expert_embeddings"] = torch.randn(E, E // 2)
+    before = model.vision_tower.layers[0].mlp.router.gate.weight.clone()
+    with pytest.warns(UserWarning, match=r"routers of 3 MoE layer\(s\) .* keep their fresh initialisation"):
+        report = load_libmoe_checkpoint(model, sd)
+    assert torch.equal(model.vision_tower.layers[0].mlp.router.gate.weight, before)
+    gate = "model.vision_tower.vision_model.encoder.layers.0.moelayer.gate.weight"
+    assert "never used" in report.unused[gate]
+    # their own router parameters are reported under their names
+    assert "model.vision_tower.vision_model.encoder.layers.0.moelayer.inp_reduction.weight" in report.unused
+    assert report.fresh_routers == ["projector", "vision_tower.model.encoder.layers.0.mlp",
+                                    "vision_tower.model.encoder.layers.1.mlp"]
+    assert "vision_tower.model.encoder.layers.0.mlp.router.gate.weight" in report.missing
+    with pytest.raises(ValueError, match="not in the checkpoint"):
+        load_libmoe_checkpoint(model, sd, strict=True)
+
+
+@pytest.mark.parametrize(("router", "target"), [("sigmoid", "gate.bias"), ("perturbed_cosine", "selection_bias")])
+def test_a_gate_bias_is_imported_where_the_router_has_one(router, target):
+    # LibMoE's v1.1 smoe_sigmoidgating and early smoe_perturbed gates are Linear(d, E, bias=True)
+    model = build_model("tiny", image_pool=1, moe_vision=True, moe_projector=True, num_experts=E, router=router)
+    sd = libmoe_state_dict(model)
+    for gate in _gate_keys(sd):
+        sd[gate.replace(".weight", ".bias")] = torch.randn(E)
+    report = load_libmoe_checkpoint(model, sd, strict=True)
+    assert report.fresh_routers == []
+    bias = "model.vision_tower.vision_model.encoder.layers.1.moelayer.gate.bias"
+    assert torch.equal(model.vision_tower.layers[1].mlp.router.get_parameter(target), sd[bias])
+    smoe = build_model("tiny", image_pool=1, moe_vision=True, moe_projector=True, num_experts=E)
+    assert "does not have" in load_libmoe_checkpoint(smoe, sd).unused[bias]  # no bias in our smoe gate
+
+
+def test_the_checkpoints_moe_settings_must_match_the_model(tmp_path):
+    """A Cosine-R checkpoint loaded silently into an smoe model at another top-k before."""
+    from safetensors.torch import save_file
+
+    model = build_model("tiny", image_pool=1, moe_vision=True, moe_projector=True, num_experts=E)
+    save_file(libmoe_state_dict(model), tmp_path / "model.safetensors")
+    torch.save({"output_dir": "x"}, tmp_path / "training_args.bin")  # the HF Trainer's: not weights
+    config = {"moe_name": "smoe_cosinegating", "num_experts": E, "num_selected": 1, "clip_smoe": True, "mlp_smoe": True}
+    (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+    with pytest.raises(ValueError, match=r"(?s)vision: checkpoint moe_name='smoe_cosinegating' \(ours: cosine\) vs "
+                                         r"model router 'smoe'.*vision: checkpoint num_selected=1 vs model top_k=2"):
+        load_libmoe_checkpoint(model, tmp_path)
+    config.update(moe_name="smoe", num_selected=2)
+    (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+    assert load_libmoe_checkpoint(model, tmp_path, strict=True).missing == []
+    dense_projector = build_model("tiny", image_pool=1, moe_vision=True, num_experts=E)
+    with pytest.raises(ValueError, match="mlp_smoe=True but the model has no MoE projector"):
+        load_libmoe_checkpoint(dense_projector, tmp_path)
+
+
+def test_a_dense_weight_that_does_not_fit_the_experts_is_named():
+    model = build_model("tiny", image_pool=1, moe_vision=True, num_experts=E)
+    sd = libmoe_state_dict(build_model("tiny", image_pool=1), moe=False)
+    key = "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    sd[key] = torch.randn(32, 64)  # half the width
+    with pytest.raises(ValueError, match=rf"shape mismatch .*{key} \(32, 64\) does not fit the experts"):
+        load_libmoe_checkpoint(model, sd)
