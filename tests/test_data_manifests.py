@@ -1,6 +1,7 @@
 """Dataset manifests: shipped YAMLs, verify on a fake local layout, prepare offline."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -103,3 +104,92 @@ def test_prepare_builds_easyvqa_offline_and_verify_checks_it(tmp_path, monkeypat
     small.write_text(yaml.safe_dump(data))
     rep = verify_manifest(load_manifest(small), tmp_path)
     assert rep.ok, rep.format()
+
+
+def _fake_zip(path, members):
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as z:
+        for m in members:
+            z.writestr(m, b"x")
+
+
+def test_prepare_unzips_each_archive_into_its_own_folder_only(tmp_path, monkeypatch):
+    """All archives were staged in one shared .downloads folder, never emptied; ALLaVA's pattern download
+    unzipped every zip found there: LLaVA-Pretrain's images (and COCO, VG, ...) landed in ALLaVA's folder."""
+    import urllib.request
+
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def hf_hub_download(repo_id, filename, repo_type=None, local_dir=None):
+        path = Path(local_dir) / filename
+        if filename.endswith(".zip"):
+            _fake_zip(path, ["00453/004539375.jpg"])  # LLaVA-Pretrain's images.zip
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("[]")
+        return str(path)
+
+    def snapshot_download(repo_id, repo_type=None, allow_patterns=None, local_dir=None):
+        _fake_zip(Path(local_dir) / "allava_laion/image_chunks/images_0.zip", ["images/100277305.jpeg"])
+        return str(local_dir)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(urllib.request, "urlretrieve", lambda url, dest: _fake_zip(Path(dest), ["x/y.jpg"]))
+    root = tmp_path / "data"
+    prepare_manifest(load_manifest("llava-pretrain-558k"), root)
+    with pytest.raises(PrepareError, match="manual step"):  # ALLaVA's Vision-FLAN part is fetched by hand
+        prepare_manifest(load_manifest("allava-4v-pft"), root)
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert files == ["ALLaVA/allava_laion/images/100277305.jpeg", "jsons/cumo_pft_allava.json",
+                     "llava_pretrain/blip_laion_cc_sbu_558k.json", "llava_pretrain/images/00453/004539375.jpg"]
+    assert not [p for p in root.iterdir() if p.name.startswith(".download")]  # the archives are gone
+
+
+def test_a_users_manifest_may_require_a_shipped_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mine = tmp_path / "my665k-half.yaml"
+    mine.write_text(yaml.safe_dump({"name": "my665k-half", "requires": ["coco-train2017"],
+                                    "downloads": [{"manual": "put my.json into jsons/"}]}))
+    with pytest.raises(PrepareError) as e:  # offline: names what to fetch, the shipped requirement included
+        prepare_manifest(load_manifest(mine), tmp_path / "data")
+    assert "coco-train2017:" in str(e.value) and "train2017.zip" in str(e.value)
+
+
+def test_verify_decodes_images_and_checks_records_as_training_does(fake, capsys):
+    """A truncated JPEG passed verify's header check and stopped training at its first read; records
+    training refuses (empty answer, no <image> for an image) passed verify."""
+    import io
+
+    root, path = fake
+    buf = io.BytesIO()
+    noise = __import__("numpy").random.default_rng(0).integers(0, 255, (64, 64, 3), dtype="uint8")
+    Image.fromarray(noise).save(buf, "JPEG")
+    (root / "imgs" / "a" / "0.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])  # half written
+    recs = json.loads((root / "ann.json").read_text())
+    recs[1]["conversations"][1]["value"] = " "  # empty answer
+    recs[2]["conversations"][0]["value"] = "what is it?"  # an image but no placeholder
+    (root / "ann.json").write_text(json.dumps(recs))
+    text = "\n".join(verify_manifest(load_manifest(path), root).problems)
+    assert "record 'r0': unreadable image" in text and "truncated" in text.lower()
+    assert "'r1'" in text and "empty answer" in text
+    assert "'r2'" in text and "0 <image> placeholders but 1 images" in text
+    quick = "\n".join(verify_manifest(load_manifest(path), root, decode=False).problems)
+    assert "unreadable image" not in quick  # the header check passes it: why decoding is the default
+    assert main(["data", "verify", "--manifest", str(path), "--root", str(root), "--no-decode"]) == 1
+
+
+def test_skip_that_drops_every_record_is_an_error(tmp_path):
+    from libmoe_core.data.dataset import LLaVADataset
+    from libmoe_core.data.validate import DataValidationError
+
+    recs = [{"id": f"r{i}", "image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                                   {"from": "gpt", "value": "x"}]} for i in range(2)]
+    (tmp_path / "ann.json").write_text(json.dumps(recs))
+    (tmp_path / "imgs").mkdir()  # the wrong folder: no image is found
+    with pytest.raises(DataValidationError, match="dropped every record: nothing is left to train on"):
+        LLaVADataset.from_files(tmp_path / "ann.json", tmp_path / "imgs", policy="skip")

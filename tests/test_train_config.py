@@ -187,8 +187,11 @@ def test_the_model_is_saved_with_the_template_it_trained_with():
     assert stage_template(pft, processor) == saved_template(pft, processor) == "chatml"
     sft = resolve_config("sft")
     assert stage_template(sft, processor) == saved_template(sft, processor) == "phi35"
-    pretrain = resolve_config("pretrain")  # trains plain captions; later stages keep the chat template
+    pretrain = resolve_config("pretrain")  # tiny: plain captions; later stages keep the chat template
     assert (stage_template(pretrain, processor), saved_template(pretrain, processor)) == ("plain", "phi35")
+    # the real presets pretrain in the chat template, as LibMoE's scripts do (--version phi35)
+    libmoe = resolve_config("pretrain", overrides={"preset": "siglip224-phi35"})
+    assert stage_template(libmoe, processor) == saved_template(libmoe, processor) == "phi35"
     chat_pretrain = resolve_config("pretrain", overrides={"template": "chatml"})  # a chat is kept, any stage
     assert stage_template(chat_pretrain, processor) == saved_template(chat_pretrain, processor) == "chatml"
     plain_sft = resolve_config("sft", overrides={"template": "plain"})

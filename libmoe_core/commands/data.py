@@ -31,7 +31,8 @@ def register(sub) -> None:
         a.add_argument("--root", required=True, help="data root folder")
         if action == "verify":
             a.add_argument("--image-sample", type=int, default=None, help="open at most N images (default all)")
-            a.add_argument("--decode", action="store_true", help="decode opened images fully")
+            a.add_argument("--no-decode", dest="decode", action="store_false",
+                           help="open images by header only (faster; a truncated JPEG passes)")
             a.set_defaults(func=run_verify)
         else:
             a.set_defaults(func=run_prepare)

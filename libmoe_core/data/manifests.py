@@ -10,6 +10,8 @@ relative to a data root chosen by the user. ``verify`` checks a local copy;
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from .records import read_records
-from .validate import image_problem
+from .validate import check_structure, image_problem
 
 MANIFEST_DIR = Path(__file__).resolve().parents[2] / "data_manifests"
 
@@ -107,11 +109,13 @@ def _count_files(folder: Path) -> int:
 
 
 def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int | None = None,
-                    decode: bool = False) -> VerifyReport:
-    """Check layout, annotation files and record counts, and the images the records reference.
+                    decode: bool = True) -> VerifyReport:
+    """Check layout, annotation files and record counts, every record's structure (what training
+    refuses: roles, empty answers, ``<image>`` count), and the images the records reference.
 
     Every referenced image must exist; ``image_sample`` limits how many are also opened
-    (``None``: all). Required manifests are not verified here; verify them by name.
+    (``None``: all), each decoded in full unless ``decode=False`` (a header check, which passes a
+    truncated JPEG). Required manifests are not verified here; verify them by name.
     """
     root = Path(root)
     rep = VerifyReport(manifest.name, str(root))
@@ -149,12 +153,11 @@ def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int |
             rep.checks.append(f"{ann['file']}: {n} records" + ("" if expected is not None else " (no expected count)"))
         refs: dict[str, object] = {}
         for rec in loaded.records:
-            try:
-                images = rec.images
-            except ValueError as e:  # a malformed 'image' field: a problem of this record, not a crash
-                rep.problems.append(str(e))
-                continue
-            for rel in images:
+            problems = check_structure(rec)
+            rep.problems += [str(p) for p in problems]
+            if any(p.field == "image" and "must be a string" in p.message for p in problems):
+                continue  # a malformed 'image' field: no paths to check
+            for rel in rec.images:
                 refs.setdefault(rel, rec)
         opened = 0
         for rel, rec in refs.items():
@@ -208,7 +211,7 @@ def prepare_manifest(manifest: Manifest, root: str | Path, *, with_requirements:
     manifests = [manifest]
     if with_requirements:
         d = directory or manifest.path.parent
-        manifests = [load_manifest(r, d) for r in manifest.requires] + manifests
+        manifests = [_required(r, d) for r in manifest.requires] + manifests
     todo = [(m, d) for m in manifests for d in m.downloads]
     after = f"\nthen run: libmoe data verify {manifest.name} --root {root}"
     if _offline():
@@ -230,31 +233,49 @@ def prepare_manifest(manifest: Manifest, root: str | Path, *, with_requirements:
     return written
 
 
+def _required(name: str, directory: Path) -> Manifest:
+    """A required manifest: beside the one requiring it, else a shipped one (a user's own manifest
+    may require e.g. ``coco-train2017``)."""
+    try:
+        return load_manifest(name, directory)
+    except ManifestError:
+        if Path(directory).resolve() == MANIFEST_DIR:
+            raise
+        return load_manifest(name, MANIFEST_DIR)
+
+
 def _download(d: dict, root: Path) -> list[Path]:
-    staging = root / ".downloads"
-    staging.mkdir(parents=True, exist_ok=True)
-    if "repo_id" in d:
-        from huggingface_hub import hf_hub_download, snapshot_download
+    """Fetch one download. An archive (``unpack_to``) goes to a staging folder of its own, is unzipped
+    and deleted, so one download's archives never reach another's folder; other files land in place."""
+    root.mkdir(parents=True, exist_ok=True)
+    unpack = bool(d.get("unpack_to"))
+    where = Path(tempfile.mkdtemp(prefix=".download-", dir=root)) if unpack else root / d.get("target_dir", ".")
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        if "repo_id" in d:
+            from huggingface_hub import hf_hub_download, snapshot_download
 
-        kind = d.get("repo_type", "dataset")
-        if d.get("filename"):
-            local_dir = staging if d.get("unpack_to") else root / d.get("target_dir", ".")
-            files = [Path(hf_hub_download(d["repo_id"], d["filename"], repo_type=kind, local_dir=local_dir))]
+            kind = d.get("repo_type", "dataset")
+            if d.get("filename"):
+                files = [Path(hf_hub_download(d["repo_id"], d["filename"], repo_type=kind, local_dir=where))]
+            else:
+                snap = Path(snapshot_download(d["repo_id"], repo_type=kind, allow_patterns=d["allow_patterns"],
+                                              local_dir=where))
+                files = sorted(p for p in snap.rglob("*") if p.is_file() and ".cache" not in p.relative_to(snap).parts)
         else:
-            snap = Path(snapshot_download(d["repo_id"], repo_type=kind, allow_patterns=d["allow_patterns"],
-                                          local_dir=staging if d.get("unpack_to") else root))
-            files = sorted(p for p in snap.rglob("*") if p.is_file())
-    else:
-        import urllib.request
+            import urllib.request
 
-        files = [staging / Path(d["url"]).name]
-        urllib.request.urlretrieve(d["url"], files[0])
-    if not d.get("unpack_to"):
-        return files
-    dest = root / d["unpack_to"]
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in files:
-        if f.suffix == ".zip":
-            with zipfile.ZipFile(f) as z:
-                z.extractall(dest)
-    return [dest]
+            files = [where / Path(d["url"]).name]
+            urllib.request.urlretrieve(d["url"], files[0])
+        if not unpack:
+            return files
+        dest = root / d["unpack_to"]
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if f.suffix == ".zip":
+                with zipfile.ZipFile(f) as z:
+                    z.extractall(dest)
+        return [dest]
+    finally:
+        if unpack:
+            shutil.rmtree(where, ignore_errors=True)

@@ -179,6 +179,9 @@ def apply_policy(loaded: LoadResult, report: Report, policy: str = "error",
         raise DataValidationError(report.format(limit=50) + "\n(use policy 'skip' to drop these records)")
     bad = report.bad_keys
     kept = [r for r in loaded.records if (r.file, r.index) not in bad]
+    if not kept:  # nothing to train on is a configuration error (a wrong image folder, a truncated file)
+        raise DataValidationError(report.format(limit=20) + "\ndata policy 'skip' dropped every record: "
+                                  "nothing is left to train on (wrong image folder or a truncated file?)")
     (logger or log).warning("data policy 'skip': dropped %d of %d records, %d unparsable lines\n%s",
                             len(loaded.records) - len(kept), len(loaded.records),
                             len(loaded.problems), report.format(limit=20))

@@ -22,6 +22,8 @@ DATA_POLICIES = ("error", "skip")
 PREVIOUS_STAGE = {"pretrain": None, "pft": "pretrain", "sft": "pft"}
 
 # The seed's recipe (LibMoE scripts): learning rate, global batch, ZeRO for each stage.
+# The seed (LibMoE) recipe; every stage in the model's chat template (LibMoE's pretrain scripts pass
+# --version phi35 / phi3, so its 558K captions keep their instruction text).
 SEED_RECIPE = {
     "pretrain": dict(learning_rate=1e-3, global_batch_size=256, zero_stage="2"),
     "pft": dict(learning_rate=2e-6, global_batch_size=24, zero_stage="3-offload"),
@@ -32,7 +34,7 @@ SEED_RECIPE = {
 # accumulation costs a second pass of Python overhead per step: 0.39 s vs 0.24 s measured).
 TINY_RECIPE = {
     "pretrain": dict(learning_rate=3e-3, global_batch_size=32, per_device_batch_size=32, zero_stage="2",
-                     max_length=256, max_steps=120),
+                     max_length=256, max_steps=120, template="plain"),  # LLaVA-1.5's image + caption format
     "pft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=32, zero_stage="2",
                 max_length=256, max_steps=160),
     "sft": dict(learning_rate=1e-3, global_batch_size=32, per_device_batch_size=32, zero_stage="2",

@@ -18,7 +18,6 @@ import torch
 from .config import TrainConfig
 
 EASYVQA_FILES = {"pretrain": "easyvqa_caption_train.json", "pft": "easyvqa_caption_train.json", "sft": "easyvqa_qa_train.json"}
-STAGE_TEMPLATE = {"pretrain": "plain"}  # other stages use the processor's chat template
 
 
 def cache_dir() -> Path:
@@ -52,8 +51,10 @@ def dataset_files(cfg: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def stage_template(cfg: TrainConfig, processor) -> str:
-    """The conversation template the stage trains with."""
-    return cfg.template or STAGE_TEMPLATE.get(cfg.stage, processor.template)
+    """The conversation template the stage trains with: the config's (the tiny recipe pretrains on
+    LLaVA-1.5's ``plain`` captions), else the model's chat template, as LibMoE trains every stage
+    (its pretrain scripts pass ``--version phi35`` / ``phi3``)."""
+    return cfg.template or processor.template
 
 
 def saved_template(cfg: TrainConfig, processor) -> str:
