@@ -14,11 +14,15 @@ Key names of their model code, mapped onto ours:
 | ``model.mm_projector.moelayer.experts.j.{0,2}.*`` / ``.gate.weight`` | ``projector.experts.*[j]`` / ``projector.router.gate.weight`` |
 | ``model.{embed_tokens,layers,norm}.*``, ``lm_head.*`` (Phi-3) | ``language_model.model.*``, ``language_model.lm_head.*`` |
 
-Not mapped (reported in ``ImportReport.unused``): vision layers after the feature layer
-(LibMoE stores all 27 SigLIP layers but uses the penultimate output), ``post_layernorm``
-/ ``head``, ``image_newline``, and router parameters other than a linear gate weight
-(e.g. xmoe's expert embeddings, hyperrouter's hypernetwork, a gate bias): routers of those
-kinds keep their fresh initialisation and are listed in ``ImportReport.missing``.
+A gate bias (v1.1 ``smoe_sigmoidgating``, early ``smoe_perturbed``) goes to our router's gate
+bias or selection bias. Not mapped (reported in ``ImportReport.unused`` by their names): vision
+layers after the feature layer (LibMoE stores all 27 SigLIP layers but uses the penultimate
+output), ``post_layernorm`` / ``head``, ``image_newline``, and router parameters other than a
+linear gate (xmoe / smoe_cosinegating / v2 smoe_perturbed route through ``inp_reduction`` and
+``expert_embeddings`` and never use the ``gate`` they also save; hyperrouter's hypernetwork):
+those routers keep their fresh initialisation, are listed in ``ImportReport.missing`` and
+``fresh_routers``, and the import warns. A checkpoint's ``config.json`` MoE settings must
+match the model (:func:`libmoe_config_mismatches`).
 """
 
 from __future__ import annotations
@@ -88,8 +92,12 @@ def convert_libmoe_state_dict(state_dict: dict, model) -> tuple[dict[str, torch.
     report = ImportReport()
     out: dict[str, torch.Tensor] = {}
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # prefix -> expert -> piece -> tensor
-    origin = report.sources  # our key -> their key (to report their names)
     projected = {m.group(1) for k in state_dict if (m := PROJECTED_ROUTER.match(k))}  # their moelayer prefixes
+
+    def put(target: str, value: torch.Tensor, key: str):
+        """Our ``target`` gets their ``key``'s tensor (the name is kept to report it if unused)."""
+        out[target] = value
+        report.sources[target] = key
 
     def gate(prefix: str, kind: str, value: torch.Tensor, key: str):
         """LibMoE's linear gate: weight -> our router's gate; bias -> its gate bias or selection bias."""
@@ -98,9 +106,7 @@ def convert_libmoe_state_dict(state_dict: dict, model) -> tuple[dict[str, torch.
                                   "gate Linear is created but never used")
             return
         targets = [f"{prefix}.router.gate.{kind}"] + ([f"{prefix}.router.selection_bias"] if kind == "bias" else [])
-        target = next((t for t in targets if t in ours), targets[0])
-        out[target] = value
-        origin[target] = key
+        put(next((t for t in targets if t in ours), targets[0]), value, key)
 
     def dense_or_broadcast(prefix: str, piece: str, name: str, value: torch.Tensor, key: str):
         """A dense MLP weight: to the same key if dense here, else copied into every expert."""
@@ -135,8 +141,7 @@ def convert_libmoe_state_dict(state_dict: dict, model) -> tuple[dict[str, torch.
                 prefix = f"vision_tower.model.encoder.layers.{d.group(1)}.mlp"
                 dense_or_broadcast(prefix, _PIECE[(d.group(2), d.group(3))], f"fc{d.group(2)}.{d.group(3)}", value, key)
             else:
-                out[f"vision_tower.model.{rest}"] = value
-                origin[f"vision_tower.model.{rest}"] = key
+                put(f"vision_tower.model.{rest}", value, key)
         elif e := PROJ_EXPERT.match(key):
             experts.setdefault("projector", {}).setdefault(int(e.group(1)), {})[_PIECE[(e.group(2), e.group(3))]] = value
         elif g := PROJ_GATE.match(key):
@@ -147,8 +152,7 @@ def convert_libmoe_state_dict(state_dict: dict, model) -> tuple[dict[str, torch.
             if piece:
                 dense_or_broadcast("projector", _PIECE[(piece.group(1), piece.group(2))], rest, value, key)
             else:
-                out[f"projector.{rest}"] = value
-                origin[f"projector.{rest}"] = key
+                put(f"projector.{rest}", value, key)
         elif m := LLM.match(key):
             rest = f"{m.group(1)}.{m.group(2)}"
             mlp = LLM_DENSE_MLP.match(rest)
@@ -157,11 +161,9 @@ def convert_libmoe_state_dict(state_dict: dict, model) -> tuple[dict[str, torch.
                 piece = "w_in" if mlp.group(2) == "gate_up_proj" else "w_out"
                 dense_or_broadcast(prefix, piece, f"{mlp.group(2)}.weight", value, key)
             else:
-                out[f"language_model.model.{rest}"] = value
-                origin[f"language_model.model.{rest}"] = key
+                put(f"language_model.model.{rest}", value, key)
         elif m := LM_HEAD.match(key):
-            out[f"language_model.lm_head.{m.group(1)}"] = value
-            origin[f"language_model.lm_head.{m.group(1)}"] = key
+            put(f"language_model.lm_head.{m.group(1)}", value, key)
         else:
             report.unused[key] = "not part of this model (LibMoE-only parameter)"
 
