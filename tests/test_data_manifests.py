@@ -173,11 +173,13 @@ def test_verify_decodes_images_and_checks_records_as_training_does(fake, capsys)
     recs = json.loads((root / "ann.json").read_text())
     recs[1]["conversations"][1]["value"] = " "  # empty answer
     recs[2]["conversations"][0]["value"] = "what is it?"  # an image but no placeholder
+    recs[3]["image"] = 5  # malformed: reported once, no crash
     (root / "ann.json").write_text(json.dumps(recs))
     text = "\n".join(verify_manifest(load_manifest(path), root).problems)
     assert "record 'r0': unreadable image" in text and "truncated" in text.lower()
     assert "'r1'" in text and "empty answer" in text
     assert "'r2'" in text and "0 <image> placeholders but 1 images" in text
+    assert text.count("'image' must be a string or a list of strings, got 5") == 1
     quick = "\n".join(verify_manifest(load_manifest(path), root, decode=False).problems)
     assert "unreadable image" not in quick  # the header check passes it: why decoding is the default
     assert main(["data", "verify", "--manifest", str(path), "--root", str(root), "--no-decode"]) == 1

@@ -153,11 +153,12 @@ def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int |
             rep.checks.append(f"{ann['file']}: {n} records" + ("" if expected is not None else " (no expected count)"))
         refs: dict[str, object] = {}
         for rec in loaded.records:
-            problems = check_structure(rec)
-            rep.problems += [str(p) for p in problems]
-            if any(p.field == "image" and "must be a string" in p.message for p in problems):
-                continue  # a malformed 'image' field: no paths to check
-            for rel in rec.images:
+            rep.problems += [str(p) for p in check_structure(rec)]
+            try:
+                images = rec.images
+            except ValueError:  # a malformed 'image' field, reported by the structure check
+                continue
+            for rel in images:
                 refs.setdefault(rel, rec)
         opened = 0
         for rel, rec in refs.items():
