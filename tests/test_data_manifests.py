@@ -26,6 +26,10 @@ def test_shipped_manifests():
                                                "textvqa/train_images", "vg/VG_100K", "vg/VG_100K_2"}
     for req in mix.requires:
         assert req in names
+    half = load_manifest("llava-v1.5-mix665k-half")  # LibMoE's LLaVA-332K (its published v1 numbers)
+    assert (half.downloads[0]["repo_id"], half.downloads[0]["filename"]) == (
+        "DavidNguyen/LLAVA-LibMoE", "llava_v1_5_mix665k_half.json")
+    assert half.requires == mix.requires and half.image_folder == mix.image_folder
     allava = load_manifest("allava-4v-pft")
     assert any(d.get("repo_id") == "FreedomIntelligence/ALLaVA-4V" for d in allava.downloads)
     assert allava.annotations[0]["file"].endswith("cumo_pft_allava.json")
