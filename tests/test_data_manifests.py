@@ -73,8 +73,8 @@ def test_verify_reports_each_problem(fake, capsys):
     text = "\n".join(rep.problems)
     assert "imgs/a: 2 files, expected 3" in text
     assert "ann.json: 3 records, expected 4" in text
-    assert "record 'r2': image not found: a/2.png" in text
-    assert "record 'r1': unreadable image" in text
+    assert "record 'r2' (#2): image not found: a/2.png" in text
+    assert "record 'r1' (#1): unreadable image" in text
     assert len(rep.problems) == 4
     assert main(["data", "verify", "--manifest", str(path), "--root", str(root)]) == 1
     assert "FAIL" in capsys.readouterr().out
@@ -180,7 +180,7 @@ def test_verify_decodes_images_and_checks_records_as_training_does(fake, capsys)
     recs[3]["image"] = 5  # malformed: reported once, no crash
     (root / "ann.json").write_text(json.dumps(recs))
     text = "\n".join(verify_manifest(load_manifest(path), root).problems)
-    assert "record 'r0': unreadable image" in text and "truncated" in text.lower()
+    assert "record 'r0' (#0): unreadable image" in text and "truncated" in text.lower()
     assert "'r1'" in text and "empty answer" in text
     assert "'r2'" in text and "0 <image> placeholders but 1 images" in text
     assert text.count("'image' must be a string or a list of strings, got 5") == 1
@@ -199,3 +199,16 @@ def test_skip_that_drops_every_record_is_an_error(tmp_path):
     (tmp_path / "imgs").mkdir()  # the wrong folder: no image is found
     with pytest.raises(DataValidationError, match="dropped every record: nothing is left to train on"):
         LLaVADataset.from_files(tmp_path / "ann.json", tmp_path / "imgs", policy="skip")
+
+
+def test_verify_counts_the_records_of_a_missing_image(fake):
+    """Only the first record using a missing image was named (LLaVA ids repeat; OCR-VQA misses images
+    that several records share): how many use it, and their positions."""
+    root, path = fake
+    recs = json.loads((root / "ann.json").read_text())
+    for r in recs[:3]:
+        r["image"] = "a/gone.png"
+    (root / "ann.json").write_text(json.dumps(recs))
+    text = "\n".join(verify_manifest(load_manifest(path), root).problems)
+    assert "ann.json 3 records ('r0' (#0), 'r1' (#1), 'r2' (#2)): image not found: a/gone.png" in text
+    assert text.count("image not found") == 1

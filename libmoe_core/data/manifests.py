@@ -108,6 +108,14 @@ def _count_files(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.is_file())
 
 
+def _records_text(recs: list, shown: int = 3) -> str:
+    """``record 'a' (#0)``, or for an image several records use: how many, and the first few."""
+    names = ", ".join(f"{r.id!r} (#{r.index})" for r in recs[:shown])
+    if len(recs) == 1:
+        return f"record {names}"
+    return f"{len(recs)} records ({names}{', ...' if len(recs) > shown else ''})"
+
+
 def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int | None = None,
                     decode: bool = True) -> VerifyReport:
     """Check layout, annotation files and record counts, every record's structure (what training
@@ -151,7 +159,7 @@ def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int |
             rep.problems.append(f"{ann['file']}: {n} records, expected {expected}")
         else:
             rep.checks.append(f"{ann['file']}: {n} records" + ("" if expected is not None else " (no expected count)"))
-        refs: dict[str, object] = {}
+        refs: dict[str, list] = {}  # image -> the records using it
         for rec in loaded.records:
             rep.problems += [str(p) for p in check_structure(rec)]
             try:
@@ -159,18 +167,18 @@ def verify_manifest(manifest: Manifest, root: str | Path, *, image_sample: int |
             except ValueError:  # a malformed 'image' field, reported by the structure check
                 continue
             for rel in images:
-                refs.setdefault(rel, rec)
+                refs.setdefault(rel, []).append(rec)
         opened = 0
-        for rel, rec in refs.items():
+        for rel, recs in refs.items():
             p = image_root / rel
             if not p.is_file():
-                rep.problems.append(f"{ann['file']} record {rec.id!r}: image not found: {rel}")
+                rep.problems.append(f"{ann['file']} {_records_text(recs)}: image not found: {rel}")
                 continue
             if image_sample is None or opened < image_sample:
                 opened += 1
                 msg = image_problem(p, decode)
                 if msg:
-                    rep.problems.append(f"{ann['file']} record {rec.id!r}: {msg}")
+                    rep.problems.append(f"{ann['file']} {_records_text(recs)}: {msg}")
         rep.checks.append(f"{ann['file']}: {len(refs)} distinct images referenced, all present or reported "
                           f"({opened} opened)")
     return rep
