@@ -50,4 +50,12 @@ def test_analysis_notebook_runs_headless(name, small_run, tmp_path):
     )
     missing = [f for f in ANALYSIS[name] if not (out_dir / f"{f}.png").is_file()]
     assert not missing, f"{name} did not save {missing}"
+    # The selectors drew into HTML views; no Output widget, whose headless emulation (the runner
+    # sending its state to the kernel while it waits for the cell's reply) could miss the reply.
+    nb = json.loads((tmp_path / f"{name}.ipynb").read_text())
+    state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    models = [m["model_name"] for m in state.values()]
+    assert "OutputModel" not in models
+    views = [m["state"]["value"] for m in state.values() if m["model_name"] == "HTMLModel"]
+    assert views and all(v.startswith(("<img src=\"data:image/png;base64,", "<table")) for v in views), views
 
