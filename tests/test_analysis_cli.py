@@ -53,7 +53,11 @@ def test_table_alarms_and_errors(tmp_path, capsys):
     assert "6 layer(s) flagged" in captured.err
     assert main(["analyze", str(path), "--fail-on-alarm"]) == 1
     assert main(["analyze", str(path), "--fail-on-alarm", "--max-load-ratio", "5", "--dead-experts", "4"]) == 0
+    assert main(["analyze", str(path), "--fail-on-alarm", "--max-load-ratio", "auto", "--dead-experts", "4"]) == 1
     capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["analyze", str(path), "--max-load-ratio", "high"])
+    assert "expected 'auto' or a number > 0, got 'high'" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "trace not found" in capsys.readouterr().err
     cut = tmp_path / "cut.parquet"  # a copy cut short, as a killed writer or a partial download leaves it

@@ -285,3 +285,53 @@ def test_plots_of_a_table_grouped_by_task_show_token_weighted_layer_values(tmp_p
     fig = plots.entropy_distribution(analyze_stats([path], by="task")[0], "llm")
     shares = fig.axes[0].collections[0].get_array().ravel()
     assert (shares[0], shares[-1], shares.sum()) == pytest.approx((0.1, 0.9, 1.0))  # shares of all the layer's tokens
+
+
+@pytest.mark.parametrize("e,k,expected", [(4, 2, 1.5), (4, 1, 2.0), (8, 2, 2.0), (3, 2, 1.25), (2, 1, 1.5),
+                                          (2, 2, None), (64, 1, 2.0)])
+def test_auto_max_load_threshold_is_halfway_to_the_most_top_k_allows(e, k, expected):
+    from libmoe_core.analysis.alarms import auto_max_load_ratio
+
+    assert auto_max_load_ratio(e, k) == expected
+    assert CollapseThresholds().max_load_threshold(e, k) == expected  # the default
+    assert CollapseThresholds(1.8).max_load_threshold(e, k) == 1.8  # a number is used as given
+
+
+def test_default_alarm_flags_a_top2_layer_short_of_total_collapse(tmp_path):
+    # E=4, k=2 (LibMoE's runs): expert 0 in 8 of 10 tokens' pairs, share 8/20, ratio 1.6; the most
+    # top-2 allows is 2.0 (every token), so a fixed threshold of 2.0 fired only on total collapse.
+    pairs = [[0, 1]] * 3 + [[0, 2]] * 3 + [[0, 3]] * 2 + [[1, 2], [1, 3]]
+    path = write_trace(trace_table(pairs, num_experts=4), tmp_path / "t.parquet")
+    table = analyze(path)
+    assert table["max_load_ratio"].tolist() == [pytest.approx(1.6)] and table["dead_experts"].tolist() == [0]
+    assert table["alarm"].tolist() == [["max_load_ratio 1.60 >= 1.5"]]
+    assert collapse_alarms(table, CollapseThresholds(max_load_ratio=2.0)).empty
+    # k = E: every expert in every token, the ratio is 1 and cannot signal collapse: no test
+    everything = write_trace(trace_table([[0, 1]] * 4, num_experts=2), tmp_path / "all.parquet")
+    assert analyze(everything)["alarm"].tolist() == [[]]
+
+
+@pytest.mark.parametrize("kwargs,match", [({"max_load_ratio": "high"}, "max_load_ratio must be"),
+                                          ({"max_load_ratio": 0}, "max_load_ratio must be"),
+                                          ({"dead_experts": 0}, "dead_experts must be"),
+                                          ({"dead_experts": 1.5}, "dead_experts must be")])
+def test_bad_thresholds_are_errors_naming_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CollapseThresholds(**kwargs)
+
+
+def test_max_load_bars_mark_each_layers_threshold(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from libmoe_core.analysis import plots
+
+    top2 = trace_table([[0, 1], [0, 2], [0, 3], [1, 2]], num_experts=4, layer=0)  # auto threshold 1.5
+    top1 = trace_table([[0], [1], [2], [0]], num_experts=4, layer=1)  # auto threshold 2.0
+    table = analyze(write_trace(pa.concat_tables([top2, top1]), tmp_path / "t.parquet"))
+    fig = plots.max_load_bars(table, CollapseThresholds())
+    marks = fig.axes[0].collections[0].get_segments()
+    assert [(float(s[0][1]), float(s[1][1])) for s in marks] == [(1.5, 1.5), (2.0, 2.0)]
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "alarm at (per layer)"
+    fig = plots.max_load_bars(table, 1.8)
+    assert [float(s[0][1]) for s in fig.axes[0].collections[0].get_segments()] == [1.8, 1.8]
+    plt.close("all")

@@ -93,8 +93,11 @@ def load_heatmap(stats: RoutingStats, placement: str, **filters):
     return fig
 
 
-def max_load_bars(table, max_load_ratio: float | None = None):
-    """Max-load ratio per (placement, layer); a dashed line at the alarm threshold; flagged bars red."""
+def max_load_bars(table, thresholds=None):
+    """Max-load ratio per (placement, layer); a dashed mark at each layer's alarm threshold
+    (``thresholds``: a :class:`CollapseThresholds` or one number); flagged bars red."""
+    from .alarms import CollapseThresholds
+
     plt, _ = _plt()
     data = table.assign(group=table["placement"] + ":" + table["layer"].astype(str))
     flagged = data["alarm"].map(bool) if "alarm" in data else np.zeros(len(data), bool)
@@ -103,9 +106,15 @@ def max_load_bars(table, max_load_ratio: float | None = None):
     ax.bar(range(len(data)), data["max_load_ratio"], color=colors)
     ax.set_xticks(range(len(data)), data["group"], rotation=60, ha="right")
     ax.axhline(1.0, color="grey", lw=1)
-    if max_load_ratio is not None:
-        ax.axhline(max_load_ratio, color="tab:red", ls="--", lw=1, label=f"alarm >= {max_load_ratio:g}")
-        ax.legend()
+    if thresholds is not None:
+        th = thresholds if isinstance(thresholds, CollapseThresholds) else CollapseThresholds(thresholds)
+        limits = [th.max_load_threshold(e, k) for e, k in zip(data["num_experts"], data["top_k"])]
+        marks = [(x, y) for x, y in enumerate(limits) if y is not None]
+        if marks:
+            xs, ys = zip(*marks)
+            ax.hlines(ys, np.array(xs) - 0.45, np.array(xs) + 0.45, color="tab:red", ls="--", lw=1.2,
+                      label="alarm at" + (f" {ys[0]:g}" if len(set(ys)) == 1 else " (per layer)"))
+            ax.legend()
     ax.set_ylabel("max load / ideal")
     ax.set_title("expert collapse: max-load ratio per layer (red: flagged)")
     fig.tight_layout()

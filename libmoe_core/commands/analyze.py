@@ -6,6 +6,20 @@ import json
 import sys
 
 
+def _ratio(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number > 0, got {text!r}")
+    return value
+
+
 def register(sub) -> None:
     from ..analysis.alarms import DEFAULT_DEAD_EXPERTS, DEFAULT_MAX_LOAD_RATIO
     from ..analysis.read import DEFAULT_BATCH_ROWS
@@ -20,8 +34,9 @@ def register(sub) -> None:
     p.add_argument("traces", nargs="+", metavar="TRACE", help="Parquet file or directory of part files")
     p.add_argument("--by", choices=BY_CHOICES, help="also group by task or token kind")
     p.add_argument("--json", action="store_true", help="print a JSON list, one object per placement/layer")
-    p.add_argument("--max-load-ratio", type=float, default=DEFAULT_MAX_LOAD_RATIO,
-                   help="collapse alarm when max load / ideal >= this (default %(default)s)")
+    p.add_argument("--max-load-ratio", type=_ratio, default=DEFAULT_MAX_LOAD_RATIO,
+                   help="collapse alarm when max load / ideal >= this; 'auto' (default): per layer, halfway "
+                   "from 1 to the most top-k allows (E/k), at most 2")
     p.add_argument("--dead-experts", type=int, default=DEFAULT_DEAD_EXPERTS,
                    help="collapse alarm when this many experts are never selected (default %(default)s)")
     p.add_argument("--fail-on-alarm", action="store_true", help="exit with status 1 when a layer is flagged")
