@@ -6,7 +6,8 @@ A placement spec (stored in ``config.moe[placement]``, JSON-friendly)::
      "balance_coef": None, "z_coef": None, "capacity_factor": None,
      "router_options": {}, "seed": 0, "noise": 0.0}
 
-``layers`` accepts a list of indices (distinct ints in range; the projector has one site, 0)
+A placement that names a router other than the model-wide one does not inherit the model-wide
+``router_options`` (they are that router's); give its own. ``layers`` accepts a list of indices (distinct ints in range; the projector has one site, 0)
 or ``all`` / ``every_other`` (1, 3, 5, ...) / ``second_half`` when given to
 :func:`normalize_placement`; the config stores the list (and checks specs given to it).
 Each layer's router is seeded ``seed + PLACEMENT_SEED_OFFSET[placement] + layer``.
@@ -19,7 +20,7 @@ import re
 
 from torch import nn
 
-from ..moe import MoELayer, build_moe
+from ..moe import MoELayer, build_moe, check_router_options
 from .config import PLACEMENTS, _is_int
 
 LAYER_SHORTCUTS = ("all", "every_other", "second_half")
@@ -79,7 +80,10 @@ def normalize_placement(value, placement: str, num_layers: int, defaults: dict |
         unknown = sorted(set(fields) - set(SPEC_DEFAULTS))
         if unknown:
             raise ValueError(f"moe_{placement}: unknown field(s) {unknown}; known: {sorted(SPEC_DEFAULTS)}")
-    spec = {**SPEC_DEFAULTS, **(defaults or {}), **value}
+    inherited = dict(defaults or {})
+    if "router" in value and "router_options" not in value and value["router"] != inherited.get("router"):
+        inherited.pop("router_options", None)  # options belong to the router they were given for
+    spec = {**SPEC_DEFAULTS, **inherited, **value}
     spec["router_options"] = dict(spec["router_options"] or {})
     spec["layers"] = resolve_layers(spec["layers"], num_layers, placement)  # the projector: [0] only
     return spec
@@ -124,6 +128,7 @@ def apply_placement(model, placement: str, spec: dict, *, noise: bool = True) ->
         if placement == "projector" and isinstance(dense, nn.Linear):
             raise ValueError("an MoE projector upcycles the mlp2x_gelu projector; projector_type='linear' has no MLP to copy")
         options = dict(spec["router_options"])
+        check_router_options(spec["router"], options, where=f"moe_{placement} router_options")
         for key in ("balance_coef", "z_coef"):
             if spec.get(key) is not None:
                 options[key] = spec[key]

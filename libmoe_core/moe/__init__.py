@@ -11,6 +11,7 @@ from .router_base import (
     Router,
     RouterOutput,
     balance_loss,
+    check_router_options,
     get_router_class,
     load_router_plugins,
     register_router,
@@ -21,7 +22,8 @@ from .upcycle import build_moe, read_dense_mlp
 
 __all__ = [
     "DEFAULT_BALANCE_COEF", "DEFAULT_Z_COEF", "ROUTERS", "ROUTER_ALIASES", "Experts", "MoELayer", "Router",
-    "RouterOutput", "Routing", "balance_loss", "build_moe", "collect_aux_loss", "get_router_class",
+    "RouterOutput", "Routing", "balance_loss", "build_moe", "check_router_options", "collect_aux_loss",
+    "get_router_class",
     "grouped_linear", "load_router_plugins", "moe_layers", "read_dense_mlp", "register_router", "resolve_router_name",
     "routers_step_end", "set_router_step", "z_loss",
 ]

@@ -357,3 +357,31 @@ def resolve_router_name(name: str) -> str:
 
 def get_router_class(name: str) -> type[Router]:
     return ROUTERS[resolve_router_name(name)]
+
+
+_BUILD_ARGUMENTS = ("self", "hidden_size", "num_experts", "top_k", "seed")  # given by build_moe
+
+
+def router_option_names(cls: type[Router]) -> list[str]:
+    """The keyword options a router class takes: its ``__init__``'s and, through ``**kw``, its bases'."""
+    import inspect
+
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names.update(p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return sorted(names - set(_BUILD_ARGUMENTS))
+
+
+def check_router_options(name: str, options: dict, where: str = "router_options") -> None:
+    """An error naming ``where``, the router and its options when ``options`` has a key it does not take."""
+    cls = get_router_class(name)
+    known = router_option_names(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: router {name!r} takes no option(s) {unknown}; its options: {known}")

@@ -9,7 +9,7 @@ from torch import nn
 
 from .experts import Experts
 from .layer import MoELayer
-from .router_base import get_router_class
+from .router_base import check_router_options, get_router_class
 
 
 @dataclass
@@ -112,6 +112,7 @@ def build_moe(
         )
     dense = read_dense_mlp(dense_mlp)
     router_cls = get_router_class(router)
+    check_router_options(router, router_options)
     gate = router_cls(dense.in_features, num_experts, top_k, seed=seed, **router_options)
     ref = dense.w_in
     experts = Experts(

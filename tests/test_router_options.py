@@ -1,0 +1,79 @@
+"""Router options: checked against the router they go to, named in errors; placement overrides."""
+
+import pytest
+import torch
+
+from libmoe_core.model.presets import build_model
+from libmoe_core.moe import Router, check_router_options, register_router
+from libmoe_core.moe.router_base import ROUTERS, router_option_names
+from libmoe_core.train.config import resolve_config
+
+
+def test_option_names_follow_the_kw_chain():
+    assert router_option_names(ROUTERS["xmoe"]) == ["balance_coef", "init_std", "routing_dim", "temperature",
+                                                    "z_coef"]
+    assert router_option_names(ROUTERS["hyper"]) == ["balance_coef", "init_std", "k_max", "k_min", "z_coef"]
+
+    class Closed(Router):  # no **kw: the base's options are not reachable
+        def __init__(self, hidden_size, num_experts, top_k, *, width: int = 2, seed=None):
+            super().__init__(hidden_size, num_experts, top_k, seed=seed)
+
+    assert router_option_names(Closed) == ["width"]
+
+
+def test_an_unknown_option_names_the_router_and_its_options():
+    with pytest.raises(ValueError, match=r"router_options: router 'cosine' takes no option\(s\) \['temprature'\]; "
+                                         r"its options: \['balance_coef', 'init_std', 'z_coef'\]"):
+        check_router_options("cosine", {"temprature": 0.5})
+    with pytest.raises(ValueError, match="moe_vision router_options: router 'xmoe' takes no option"):
+        build_model("tiny", router="xmoe", router_options={"temprature": 0.5}, moe_vision=True)
+    with pytest.raises(ValueError, match="unknown router 'cosin'"):
+        check_router_options("cosin", {})
+
+
+def test_a_placement_with_another_router_does_not_inherit_the_options(tmp_path):
+    # was: smoe got xmoe's temperature (TypeError: unexpected keyword argument 'temperature')
+    model = build_model("tiny", router="xmoe", router_options={"temperature": 0.5}, moe_vision=True,
+                        moe_llm_layers={"layers": [1], "router": "smoe"})
+    assert model.config.moe["vision"]["router_options"] == {"temperature": 0.5}
+    assert model.config.moe["llm"]["router"] == "smoe" and model.config.moe["llm"]["router_options"] == {}
+    # the same router inherits them; a placement's own options replace them
+    same = build_model("tiny", router="xmoe", router_options={"temperature": 0.5}, moe_vision=False,
+                       moe_llm_layers={"layers": [1], "top_k": 1})
+    assert same.config.moe["llm"]["router_options"] == {"temperature": 0.5}
+    own = build_model("tiny", router="xmoe", router_options={"temperature": 0.5}, moe_vision=False,
+                      moe_llm_layers={"layers": [1], "router": "smoe", "router_options": {"normalize": False}})
+    assert own.config.moe["llm"]["router_options"] == {"normalize": False}
+    own.save_pretrained(tmp_path)
+    loaded = type(own).from_pretrained(tmp_path)
+    assert loaded.config.moe == own.config.moe
+    ids = torch.tensor([[5, 6, 7, 8]])  # text only (id 2 is <image>)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, own.eval()(input_ids=ids).logits)
+
+
+def test_a_plugin_routers_own_options_are_accepted():
+    name = "test_options_plugin"
+    if name not in ROUTERS:
+        @register_router(name)
+        class Plugin(ROUTERS["smoe"]):
+            def __init__(self, hidden_size, num_experts, top_k, *, sharpness: float = 1.0, **kw):
+                super().__init__(hidden_size, num_experts, top_k, **kw)
+                self.sharpness = sharpness
+
+    check_router_options(name, {"sharpness": 2.0, "normalize": False, "balance_coef": 0.1})
+    model = build_model("tiny", router=name, router_options={"sharpness": 2.0}, moe_vision=True)
+    assert model.config.moe["vision"]["router_options"] == {"sharpness": 2.0}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"router_options": {"temprature": 1.0}, "router": "xmoe"}, "^router_options: router 'xmoe' takes no option"),
+    ({"router_options": {"temperature": 1.0}, "router": "xmoe",
+      "moe_llm_layers": {"layers": [1], "router": "smoe", "router_options": {"temperature": 1.0}}},
+     "^moe_llm_layers router_options: router 'smoe' takes no option"),
+])
+def test_training_configs_are_checked_before_launch(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config("sft", overrides=overrides)
+    good = dict(overrides, moe_llm_layers={"layers": [1], "router": "smoe"})
+    good["router_options"] = {"temperature": 1.0}
+    assert resolve_config("sft", overrides=good).router_options == {"temperature": 1.0}
