@@ -27,7 +27,8 @@ def loss_columns(metrics: pd.DataFrame) -> list[str]:
 
 
 def plot_losses(metrics: pd.DataFrame, title: str = "", out_png: str | Path | None = None):
-    """One panel per loss component against the step; saved as PNG when ``out_png`` is given."""
+    """One panel per loss component (``lm_loss``, each ``aux/...`` term as weighted into the loss)
+    against the step; saved as PNG when ``out_png`` is given."""
     import matplotlib
 
     if out_png is not None:
@@ -39,7 +40,9 @@ def plot_losses(metrics: pd.DataFrame, title: str = "", out_png: str | Path | No
     fig, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 3.0), squeeze=False)
     for ax, column in zip(axes[0], columns):
         sns.lineplot(data=metrics, x="step", y=column, ax=ax, marker="o" if len(metrics) < 30 else None)
-        ax.set_title(column.removeprefix("aux/"))
+        # aux/<placement>/<term>: the term as the loss adds it (coefficient x sum over the layers),
+        # not the per-layer router/<placement>/<term> a table next to it may show
+        ax.set_title(f"{column}\n(coef x sum over layers)" if column.startswith("aux/") else column)
         ax.set_ylabel("")
     fig.suptitle(title)
     fig.tight_layout()
