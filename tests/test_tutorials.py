@@ -15,7 +15,7 @@ TUTORIALS = sorted((ROOT / "notebooks" / "tutorials").glob("*.ipynb"))
 
 
 def test_the_tutorials_are_there():
-    assert {"01_quickstart.ipynb", "02_new_router.ipynb"} <= {p.name for p in TUTORIALS}
+    assert {"01_quickstart.ipynb", "02_new_router.ipynb", "03_routing_analysis.ipynb"} <= {p.name for p in TUTORIALS}
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.name)
