@@ -5,7 +5,8 @@
 Documents/s of `LibMoE.generate_until` (the code lmms-eval calls) at batch 1 and 8, with
 and without expert recording (Parquet traces of every layer). Without --model-path a
 tiny MoE model (vision + projector + two LLM layers) is built; it is untrained, so
-its answers run to the task's max_new_tokens (16).
+its answers run to the task's max_new_tokens (16). The warm-up (8 documents) is not in the
+timed trace.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
+    import pyarrow.parquet as pq
+
     from libmoe_core.evaluation.lmms_model import LibMoE
     from libmoe_core.evaluation.local_tasks import easyvqa_records
+    from libmoe_core.evaluation.traces import TraceWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model_path
@@ -62,10 +66,18 @@ def main(argv=None) -> int:
                 lm.task_dict = {"easyvqa": {"test": docs}}
                 reqs = requests_for(docs, 16)
                 lm.generate_until(reqs[:8])  # warm-up
+                if record:  # its rows go to their own folder, not the timed trace
+                    lm.writer.close()
+                    lm.writer = TraceWriter(timed := Path(tmp) / f"timed-{batch}", overwrite=True, prefix="part-r0")
                 started = time.perf_counter()
                 lm.generate_until(reqs)
                 lm.clean()
                 seconds = time.perf_counter() - started
+                if record:
+                    keys = pq.read_table(timed, columns=["doc_id", "placement", "layer", "position"]).to_pandas()
+                    if set(keys["doc_id"]) != set(range(len(docs))) or keys.duplicated().any():
+                        sys.exit(f"the timed trace should hold each of documents 0..{len(docs) - 1} once: "
+                                 f"{keys.duplicated().sum()} repeated rows")
                 row = {"batch_size": batch, "record_experts": record, "docs": len(docs),
                        "docs_per_s": round(len(docs) / seconds, 2)}
                 rows.append(row)
