@@ -12,7 +12,8 @@ from ..train.trainer import PROGRESS_PREFIX
 
 # Notebook parameter -> training config key (None values mean "the stage recipe's default").
 PARAMETER_KEYS = {
-    "preset": "preset", "dataset": "dataset", "image_folder": "image_folder", "router": "router",
+    "preset": "preset", "dataset": "dataset", "data_root": "data_root", "image_folder": "image_folder",
+    "router": "router",
     "num_experts": "num_experts", "top_k": "top_k", "moe_vision": "moe_vision", "moe_projector": "moe_projector",
     "moe_llm_layers": "moe_llm_layers", "global_batch_size": "global_batch_size",
     "per_device_batch_size": "per_device_batch_size", "learning_rate": "learning_rate", "max_steps": "max_steps",

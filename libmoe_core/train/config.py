@@ -50,9 +50,11 @@ class TrainConfig:
     stage_tag: str | None = None  # e.g. the router, to keep several sft runs side by side
     preset: str = "tiny"
     run_dir: str = "runs/default"
-    # data: "easyvqa" (the embedded dataset, built on first use) or a LLaVA-format JSON/JSONL path
+    # data: "easyvqa" (the embedded dataset, built on first use), a manifest (a name listed by
+    # `libmoe data list`, or a .yaml file) prepared under data_root, or a LLaVA-format JSON/JSONL path
     dataset: str = "easyvqa"
-    image_folder: str | None = None
+    data_root: str | None = None  # the --root of `libmoe data prepare`; only with a manifest
+    image_folder: str | None = None  # default: the manifest's image folder under data_root
     data_policy: str = "error"
     decode_images: bool = False  # check images by decoding every pixel (catches truncated JPEGs; slower)
     max_samples: int | None = None
@@ -245,8 +247,24 @@ def _check_llm_layers(value) -> None:
                          f"indices >= 0 or a placement dict, got {value!r}")
 
 
+def _check_data(cfg: TrainConfig) -> None:
+    from .stages import manifest_of
+
+    try:
+        manifest = manifest_of(cfg.dataset)
+    except ValueError as err:  # a .yaml that is not a manifest
+        raise ValueError(f"dataset: {err}") from None
+    if manifest is not None and not cfg.data_root:
+        raise ValueError(f"dataset {cfg.dataset!r} is a manifest: set data_root to the folder `libmoe data prepare "
+                         f"{manifest.name} --root DIR` filled")
+    if manifest is None and cfg.data_root:
+        raise ValueError(f"data_root is for a manifest dataset (`libmoe data list`); dataset {cfg.dataset!r} is not one "
+                         f"(give image_folder for a JSON/JSONL file)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Value checks beyond types; each error names the field."""
+    _check_data(cfg)
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     if cfg.zero_stage not in ZERO_STAGES:

@@ -39,14 +39,46 @@ def easyvqa_dir() -> Path:
     return root
 
 
+def manifest_of(dataset: str):
+    """The :class:`~libmoe_core.data.manifests.Manifest` a ``dataset`` value names (a shipped
+    manifest's name, or a ``.yaml`` file), else None (``easyvqa`` and annotation files)."""
+    from ..data.manifests import list_manifests, load_manifest
+
+    if dataset == "easyvqa":
+        return None
+    if dataset.endswith((".yaml", ".yml")) or (dataset in list_manifests() and not Path(dataset).is_file()):
+        return load_manifest(dataset)
+    return None
+
+
+def manifest_files(manifest, data_root: str | os.PathLike, image_folder: str | None) -> tuple[Path, Path]:
+    """(annotation file, image folder) of a prepared manifest dataset under ``data_root``."""
+    root = Path(data_root)
+    files = [a["file"] for a in manifest.annotations]
+    if len(files) != 1:
+        raise ValueError(f"dataset: manifest {manifest.name!r} has {len(files)} annotation files "
+                         f"({', '.join(files) or 'images only'}); train on a manifest with one, or give the "
+                         f"annotation file itself as dataset")
+    path = root / files[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {manifest.name!r}: no {path}; fetch it with `libmoe data prepare "
+                                f"{manifest.name} --root {root}` (and check with `libmoe data verify`)")
+    return path, Path(image_folder) if image_folder else root / manifest.image_folder
+
+
 def dataset_files(cfg: TrainConfig) -> tuple[Path, Path | None]:
-    """(annotation file, image folder) of the stage's data."""
+    """(annotation file, image folder) of the stage's data: the embedded easyvqa, a manifest's
+    under ``data_root``, or a LLaVA-format file with ``image_folder``."""
     if cfg.dataset == "easyvqa":
         root = easyvqa_dir()
         return root / EASYVQA_FILES[cfg.stage], root / "images"
+    manifest = manifest_of(cfg.dataset)
+    if manifest is not None:
+        return manifest_files(manifest, cfg.data_root, cfg.image_folder)
     path = Path(cfg.dataset)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset: no such file {path} (give 'easyvqa' or a LLaVA-format JSON/JSONL file)")
+        raise FileNotFoundError(f"dataset: no such file {path} (give 'easyvqa', a manifest name listed by "
+                                f"`libmoe data list` with data_root, or a LLaVA-format JSON/JSONL file)")
     return path, Path(cfg.image_folder) if cfg.image_folder else None
 
 
