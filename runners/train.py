@@ -125,6 +125,7 @@ def main(argv=None) -> int:
         annotations, image_folder, policy=cfg.data_policy, decode=cfg.decode_images, tokenizer=processor.tokenizer,
         template=template,
         max_length=cfg.max_length, num_image_tokens=processor.num_image_tokens, logger=log,
+        max_skipped_fraction=cfg.max_skipped_fraction,
     )
     if cfg.max_samples is not None:
         dataset.records = dataset.records[: cfg.max_samples]

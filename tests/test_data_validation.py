@@ -123,8 +123,11 @@ def test_policy_error_and_skip(folder, caplog):
     path = write_json(folder / "data.json", GOOD + [BAD["empty-answer"], BAD["missing-image"]])
     with pytest.raises(DataValidationError, match="empty-answer"):
         LLaVADataset.from_files(path, folder / "img")
+    with pytest.raises(DataValidationError, match=r"would drop 2 of 6 records and lines \(33.3%\), more than "
+                                                  r"max_skipped_fraction=0.1"):
+        LLaVADataset.from_files(path, folder / "img", policy="skip")  # a third is not a few bad records
     with caplog.at_level(logging.WARNING):
-        ds = LLaVADataset.from_files(path, folder / "img", policy="skip")
+        ds = LLaVADataset.from_files(path, folder / "img", policy="skip", max_skipped_fraction=0.34)
     assert [r.id for r in ds.records] == [r["id"] for r in GOOD]
     assert "dropped 2 of 6 records" in caplog.text
     assert "'missing-image'" in caplog.text
@@ -225,7 +228,7 @@ def test_relative_image_paths_without_an_image_folder_stop_every_policy(folder, 
     # a malformed image field is the structure check's to report (skip drops it), not a crash here
     mixed = write_json(folder / "mixed.json", [{"id": "t", "conversations": conv("Hi", "Hello")},
                                                {"id": "bad", "image": 5, "conversations": conv()}])
-    assert [r.id for r in LLaVADataset.from_files(mixed, None, policy="skip").records] == ["t"]
+    assert [r.id for r in LLaVADataset.from_files(mixed, None, policy="skip", max_skipped_fraction=1).records] == ["t"]
     with pytest.raises(DataValidationError, match="'bad'"):
         LLaVADataset.from_files(mixed, None)
 
@@ -262,3 +265,13 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
         rgb = np.asarray(to_rgb(im))
     assert rgb.shape == (1, 256, 3) and (rgb[..., 0] == rgb[..., 2]).all()
     assert np.abs(rgb[0, :, 0].astype(int) - np.arange(256)).max() <= 1  # PIL's own convert gives 255 from 1 on
+
+
+def test_skip_limit_counts_unparsable_lines_and_is_checked(folder):
+    path = folder / "data.jsonl"  # 9 good records and one line that is not JSON: 10 % dropped
+    path.write_text("\n".join([json.dumps(dict(GOOD[0], id=f"g{i}")) for i in range(9)] + ["{not json"]) + "\n")
+    assert len(LLaVADataset.from_files(path, folder / "img", policy="skip")) == 9  # 10 % is within the default
+    with pytest.raises(DataValidationError, match=r"would drop 1 of 10 records and lines \(10.0%\)"):
+        LLaVADataset.from_files(path, folder / "img", policy="skip", max_skipped_fraction=0.05)
+    with pytest.raises(ValueError, match=r"max_skipped_fraction must be in \[0, 1\], got 1.5"):
+        LLaVADataset.from_files(path, folder / "img", policy="skip", max_skipped_fraction=1.5)

@@ -120,6 +120,7 @@ def test_checkpoint_marker_and_rotation(tmp_path):
     ({"moe_llm_layers": [True]}, "moe_llm_layers must be"),
     ({"moe_llm_layers": {"layers": "all", "topk": 1}}, "unknown field"),
     ({"template": "phi-3"}, "template: unknown conversation template 'phi-3'"),  # was: an error in the worker
+    ({"max_skipped_fraction": 1.5}, r"max_skipped_fraction must be in \[0, 1\]"),
 ])
 def test_bad_values_are_refused_before_launch(overrides, message):
     with pytest.raises(ValueError, match=message):

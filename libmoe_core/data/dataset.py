@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from ..images import to_rgb
 from .records import LoadResult, Record, read_records
-from .validate import Report, apply_policy, check_records, image_path
+from .validate import DEFAULT_MAX_SKIPPED_FRACTION, Report, apply_policy, check_records, image_path
 
 
 class LLaVADataset(Dataset):
@@ -30,8 +30,10 @@ class LLaVADataset(Dataset):
     def from_files(cls, paths: str | Path | list[str | Path], image_folder: str | Path | None = None, *,
                    policy: str = "error", check_image_files: bool = True, decode: bool = False, tokenizer=None,
                    template: str | None = None, max_length: int | None = None, num_image_tokens: int = 1,
-                   image_length: int | None = None, logger: logging.Logger | None = None) -> LLaVADataset:
-        """Read, validate (see :func:`~libmoe_core.data.validate.check_records`) and apply ``policy``."""
+                   image_length: int | None = None, logger: logging.Logger | None = None,
+                   max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION) -> LLaVADataset:
+        """Read, validate (see :func:`~libmoe_core.data.validate.check_records`) and apply ``policy``
+        (:func:`~libmoe_core.data.validate.apply_policy`)."""
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:  # a wrong path is a configuration error under every policy, not a bad record
@@ -47,7 +49,7 @@ class LLaVADataset(Dataset):
         report.problems += check_records(loaded.records, image_folder, check_image_files=check_image_files,
                                          decode=decode, tokenizer=tokenizer, template=template,
                                          max_length=max_length, num_image_tokens=num_image_tokens)
-        kept = apply_policy(loaded, report, policy, logger)
+        kept = apply_policy(loaded, report, policy, logger, max_skipped_fraction)
         if image_length is None:
             image_length = num_image_tokens if num_image_tokens > 1 else 576
         ds = cls(kept, image_folder, image_length)

@@ -167,12 +167,20 @@ def check_file(path: str | Path, image_folder: str | Path | None = None, **optio
     return loaded, report
 
 
+DEFAULT_MAX_SKIPPED_FRACTION = 0.1
+
+
 def apply_policy(loaded: LoadResult, report: Report, policy: str = "error",
-                 logger: logging.Logger | None = None) -> list[Record]:
+                 logger: logging.Logger | None = None,
+                 max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION) -> list[Record]:
     """Records to use. ``error``: raise :class:`DataValidationError` on any problem.
-    ``skip``: drop the bad records (malformed lines are already absent) and log the count."""
+    ``skip``: drop the bad records (malformed lines are already absent) and log the count; dropping
+    more than ``max_skipped_fraction`` of the records and lines (1.0: any share but all) is an error:
+    a wrong or partly missing image folder is not a few bad records."""
     if policy not in POLICIES:
         raise ValueError(f"unknown data policy {policy!r}; choose one of {POLICIES}")
+    if not 0 <= max_skipped_fraction <= 1:
+        raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction!r}")
     if report.ok:
         return list(loaded.records)
     if policy == "error":
@@ -182,6 +190,13 @@ def apply_policy(loaded: LoadResult, report: Report, policy: str = "error",
     if not kept:  # nothing to train on is a configuration error (a wrong image folder, a truncated file)
         raise DataValidationError(report.format(limit=20) + "\ndata policy 'skip' dropped every record: "
                                   "nothing is left to train on (wrong image folder or a truncated file?)")
+    total = len(loaded.records) + len(loaded.problems)
+    dropped = total - len(kept)
+    if dropped > max_skipped_fraction * total:
+        raise DataValidationError(
+            report.format(limit=20) + f"\ndata policy 'skip' would drop {dropped} of {total} records and lines "
+            f"({dropped / total:.1%}), more than max_skipped_fraction={max_skipped_fraction:g}: check the image "
+            "folder and the files, or raise max_skipped_fraction to train on the rest")
     (logger or log).warning("data policy 'skip': dropped %d of %d records, %d unparsable lines\n%s",
                             len(loaded.records) - len(kept), len(loaded.records),
                             len(loaded.problems), report.format(limit=20))

@@ -56,6 +56,7 @@ class TrainConfig:
     data_root: str | None = None  # the --root of `libmoe data prepare`; only with a manifest
     image_folder: str | None = None  # default: the manifest's image folder under data_root
     data_policy: str = "error"
+    max_skipped_fraction: float = 0.1  # skip policy: dropping a larger share of the records is an error
     decode_images: bool = False  # check images by decoding every pixel (catches truncated JPEGs; slower)
     max_samples: int | None = None
     template: str | None = None
@@ -271,6 +272,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {cfg.zero_stage!r}")
     if cfg.data_policy not in DATA_POLICIES:
         raise ValueError(f"data_policy must be one of {DATA_POLICIES}, got {cfg.data_policy!r}")
+    if not 0 <= cfg.max_skipped_fraction <= 1:
+        raise ValueError(f"max_skipped_fraction must be in [0, 1], got {cfg.max_skipped_fraction!r}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     for name in ("learning_rate", "global_batch_size", "per_device_batch_size", "num_procs", "num_experts", "top_k",
