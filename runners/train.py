@@ -58,7 +58,7 @@ def training_arguments(cfg, world_size: int):
         gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant: aux losses lose their gradient
         dataloader_num_workers=cfg.dataloader_num_workers,
         remove_unused_columns=False,
-        report_to=["tensorboard"],
+        report_to="none",  # TensorBoard through ResumableTensorBoardCallback
         deepspeed=deepspeed_config(cfg.zero_stage),
         use_cpu=on_cpu,
         ddp_backend="gloo" if on_cpu else None,
@@ -105,6 +105,7 @@ def main(argv=None) -> int:
         MetricsFileCallback,
         MoETrainer,
         ProgressLineCallback,
+        ResumableTensorBoardCallback,
         RouterScheduleCallback,
     )
 
@@ -142,13 +143,15 @@ def main(argv=None) -> int:
         model=model, args=training_arguments(cfg, world_size), train_dataset=dataset, data_collator=collator,
         modality_lengths=dataset.modality_lengths if cfg.group_by_modality_length else None,
         callbacks=[RouterScheduleCallback(), MetricsFileCallback(cfg.stage_dir / "metrics.jsonl"),
-                   ProgressLineCallback(), AtomicCheckpointCallback(cfg.save_total_limit)],
+                   ResumableTensorBoardCallback(), ProgressLineCallback(),
+                   AtomicCheckpointCallback(cfg.save_total_limit)],
     )
     resume_from = None
     if args.resume:
         resume_from = checkpoints.last_complete_checkpoint(cfg.checkpoint_dir)
         if rank == 0:
-            log.info("resuming from %s", resume_from or "the start (no complete checkpoint)")
+            for note in checkpoints.resume_notes(cfg.checkpoint_dir, cfg.max_steps):
+                log.info(note)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     staging = cfg.stage_dir / ".final-staging"

@@ -7,6 +7,7 @@ with two; the three-stage test here runs ZeRO-3, the one with MoE leaf modules).
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from libmoe_core.train import checkpoints
 from libmoe_core.train.config import resolve_config
 from libmoe_core.train.launch import TrainingFailed, build_command, launch, launch_env
 
@@ -110,6 +113,28 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     for step in range(4, 11):
         assert b[step]["lm_loss"] == pytest.approx(a[step]["lm_loss"], rel=1e-4, abs=1e-5), step
         assert b[step]["learning_rate"] == pytest.approx(a[step]["learning_rate"])
+    # one row and one TensorBoard point per step: the killed attempt's steps after checkpoint-3 were trained again
+    rows = [json.loads(line) for line in lines.splitlines()]
+    assert sorted(r["step"] for r in rows if "lm_loss" in r) == list(range(1, 11))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(killed.stage_dir / "tb")).Reload()
+    assert sorted(e.step for e in events.Scalars("train/lm_loss")) == list(range(1, 11))
+
+    # killed after its last checkpoint was marked complete, before final/ was published: the resume
+    # trains nothing (transformers ran one more step, to 11) and publishes that checkpoint's weights
+    assert checkpoints.last_complete_checkpoint(straight.checkpoint_dir).name == "checkpoint-10"
+    published = load_file(straight.final_dir / "model.safetensors")
+    straight_lines = (straight.stage_dir / "metrics.jsonl").read_text()
+    shutil.rmtree(straight.final_dir)
+    said = []
+    launch(straight, resume=True, on_line=said.append)
+    assert json.loads((straight.final_dir / "libmoe_run.json").read_text())["global_step"] == 10
+    assert any("nothing left to train" in line for line in said)
+    assert (straight.stage_dir / "metrics.jsonl").read_text().startswith(straight_lines)
+    assert max(json.loads(line)["step"] for line in (straight.stage_dir / "metrics.jsonl").read_text().splitlines()) == 10
+    again = load_file(straight.final_dir / "model.safetensors")
+    assert all(torch.equal(published[k], again[k]) for k in published)
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 HF Trainer writes ``checkpoint-N/`` in several steps (weights, optimizer, RNG, trainer
 state). We write ``checkpoint-N/COMPLETE`` (atomically, by rename) only after every
-rank has finished, remove a stale marker before a save begins, resume only from a
+rank has finished and its files are synced to disk, remove a stale marker before a save begins, resume only from a
 marked checkpoint, and rotate old checkpoints only after the new one is complete.
 """
 
@@ -19,8 +19,25 @@ MARKER = "COMPLETE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and folder under ``root``: what a marker or rename written after this
+    vouches for is on disk, not only in the page cache (a power loss, not just a kill)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (both synced)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -28,9 +45,12 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 def mark_complete(checkpoint: str | os.PathLike, step: int) -> None:
+    """Sync the checkpoint's files, then write its marker."""
+    sync_tree(checkpoint)
     write_atomic(Path(checkpoint) / MARKER, json.dumps({"step": step, "time": time.time()}))
 
 
@@ -59,6 +79,25 @@ def last_complete_checkpoint(root: str | os.PathLike) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_notes(root: str | os.PathLike, max_steps: int) -> list[str]:
+    """What a resume from ``root``'s last complete checkpoint does, for the log: where it starts,
+    the newer checkpoints it leaves out (incomplete: the run stopped while writing them), and
+    whether anything is left to train."""
+    chosen = last_complete_checkpoint(root)
+    if chosen is None:
+        notes = ["resuming from the start (no complete checkpoint)"]
+        step = 0
+    else:
+        step = int(_CKPT.match(chosen.name).group(1))
+        notes = [f"resuming from {chosen}"]
+    notes += [f"not using {path.name}: incomplete (no {MARKER} marker; the run stopped while writing it)"
+              for s, path, done in checkpoints(root) if not done and s > step]
+    if chosen is not None and 0 < max_steps <= step:
+        notes.append(f"{chosen.name} is at step {step} >= max_steps {max_steps}: nothing left to train, "
+                     "its weights become the final model")
+    return notes
+
+
 def rotate(root: str | os.PathLike, keep: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest ``keep`` and every incomplete one older
     than the newest complete checkpoint. Returns what was removed."""
@@ -77,6 +116,7 @@ def rotate(root: str | os.PathLike, keep: int) -> list[Path]:
 def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move a fully written folder into place; an old ``final`` is replaced."""
     staging, final = Path(staging), Path(final)
+    sync_tree(staging)
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -14,6 +14,7 @@ Checked by ``launch`` before any process starts:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -66,11 +67,20 @@ def check_fresh_start(cfg: TrainConfig) -> None:
         )
 
 
+def saved_value(old: dict, key: str):
+    """``key`` of a saved config; a key the kit added since is that field's default (what the run had)."""
+    if key in old:
+        return old[key]
+    default = next(f for f in dataclasses.fields(TrainConfig) if f.name == key)
+    return default.default_factory() if default.default is dataclasses.MISSING else default.default
+
+
 def config_changes(old: dict, new: TrainConfig) -> list[str]:
-    """Keys whose value differs between a saved config and ``new``, beyond :data:`RESUME_MAY_CHANGE`."""
+    """Keys whose value differs between a saved config and ``new``, beyond :data:`RESUME_MAY_CHANGE`
+    (a key the saved config lacks counts as the field's default; one the kit dropped is not compared)."""
     current = new.to_dict()
-    keys = (set(old) | set(current)) - RESUME_MAY_CHANGE
-    return sorted(k for k in keys if old.get(k) != current.get(k))
+    keys = set(current) - RESUME_MAY_CHANGE
+    return sorted(k for k in keys if saved_value(old, k) != current[k])
 
 
 def check_resume_config(cfg: TrainConfig) -> None:
@@ -81,7 +91,7 @@ def check_resume_config(cfg: TrainConfig) -> None:
     old = yaml.safe_load(saved.read_text()) or {}
     changed = config_changes(old, cfg)
     if changed:
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {getattr(cfg, k, None)!r}" for k in changed)
+        details = ", ".join(f"{k}: {saved_value(old, k)!r} -> {getattr(cfg, k, None)!r}" for k in changed)
         raise StageFolderError(
             f"cannot resume {cfg.stage_dir} with a changed config ({details}); the checkpoint's optimizer and "
             f"schedule would ignore it. Resume with the saved values, or start a new run "

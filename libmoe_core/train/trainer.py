@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from ..data.sampler import ModalityLengthGroupedSampler
 from ..moe import moe_layers, routers_step_end, set_router_step
@@ -44,6 +45,15 @@ class MoETrainer(Trainer):
         self._micro_steps = 0
         self._tokens = 0
         self._window_start: float | None = None
+
+    def _run_epoch(self, *args, **kwargs):
+        # A resume from a checkpoint at or past max_steps (killed after its last checkpoint, before
+        # the final model; or max_steps lowered) has nothing to train: transformers 5.24 would run one
+        # more step before it checks. Its weights are loaded already; train() returns them as they are.
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is None:
@@ -102,10 +112,21 @@ class RouterScheduleCallback(TrainerCallback):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends every log (one JSON object per line) to ``metrics.jsonl`` on the main process."""
+    """Appends every log (one JSON object per line) to ``metrics.jsonl`` on the main process.
+
+    A resumed run first drops the rows logged after its checkpoint (the killed attempt trained
+    those steps again from the checkpoint), so each step has one row."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        if len(kept) != len(lines):
+            checkpoints.write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -140,3 +161,16 @@ class ProgressLineCallback(TrainerCallback):
             record = {"step": state.global_step, "max_steps": state.max_steps, "loss": logs.get("loss"),
                       "lm_loss": logs.get("lm_loss"), "tokens_per_s": logs.get("tokens_per_s")}
             print(PROGRESS_PREFIX + json.dumps(record), flush=True)
+
+
+class ResumableTensorBoardCallback(TensorBoardCallback):
+    """transformers' TensorBoard logging; a resumed run hides the events logged after its
+    checkpoint (``purge_step``), so each step has one point."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.purge_step = state.global_step + 1 if state.global_step else None
+        super().on_train_begin(args, state, control, **kwargs)
+
+    def _init_summary_writer(self, args):
+        if self._SummaryWriter is not None:
+            self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=getattr(self, "purge_step", None))
