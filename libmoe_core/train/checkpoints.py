@@ -8,6 +8,7 @@ marked checkpoint, and rotate old checkpoints only after the new one is complete
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,10 +20,13 @@ MARKER = "COMPLETE"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def _fsync(path: str | os.PathLike) -> None:
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:  # some file systems (FUSE, CIFS) cannot sync a folder; their files are synced
+        if not directory or err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
@@ -33,7 +37,7 @@ def sync_tree(root: str | os.PathLike) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
             _fsync(os.path.join(folder, name))
-        _fsync(folder)
+        _fsync(folder, directory=True)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
@@ -45,7 +49,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    _fsync(path.parent, directory=True)
 
 
 def mark_complete(checkpoint: str | os.PathLike, step: int) -> None:
