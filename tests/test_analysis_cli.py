@@ -58,6 +58,9 @@ def test_table_alarms_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", str(path), "--max-load-ratio", "high"])
     assert "expected 'auto' or a number > 0, got 'high'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a usage error (2), not a traceback with --fail-on-alarm's 1
+        main(["analyze", str(path), "--dead-experts", "0"])
+    assert exit_.value.code == 2 and "expected an integer >= 1, got '0'" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     assert "trace not found" in capsys.readouterr().err
     cut = tmp_path / "cut.parquet"  # a copy cut short, as a killed writer or a partial download leaves it

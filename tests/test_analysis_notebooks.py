@@ -56,6 +56,9 @@ def test_analysis_notebook_runs_headless(name, small_run, tmp_path):
     state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     models = [m["model_name"] for m in state.values()]
     assert "OutputModel" not in models
+    shown = [any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in c["outputs"])
+             for c in nb["cells"] if c["cell_type"] == "code" and "\nselector(" in "\n" + "".join(c["source"])]
+    assert shown and all(shown), f"{name}: a selector cell shows no widget (a trailing ';'?): {shown}"
     views = [m["state"]["value"] for m in state.values() if m["model_name"] == "HTMLModel"]
     assert views and all(v.startswith(("<img src=\"data:image/png;base64,", "<table")) for v in views), views
 

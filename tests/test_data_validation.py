@@ -273,5 +273,8 @@ def test_skip_limit_counts_unparsable_lines_and_is_checked(folder):
     assert len(LLaVADataset.from_files(path, folder / "img", policy="skip")) == 9  # 10 % is within the default
     with pytest.raises(DataValidationError, match=r"would drop 1 of 10 records and lines \(10.0%\)"):
         LLaVADataset.from_files(path, folder / "img", policy="skip", max_skipped_fraction=0.05)
+    exact = folder / "exact.jsonl"  # 29 of 100 dropped at a limit of 0.29: allowed (0.29 * 100 is 28.999... in floats)
+    exact.write_text("\n".join([json.dumps(dict(GOOD[0], id=f"g{i}")) for i in range(71)] + ["{x"] * 29) + "\n")
+    assert len(LLaVADataset.from_files(exact, folder / "img", policy="skip", max_skipped_fraction=0.29)) == 71
     with pytest.raises(ValueError, match=r"max_skipped_fraction must be in \[0, 1\], got 1.5"):
         LLaVADataset.from_files(path, folder / "img", policy="skip", max_skipped_fraction=1.5)

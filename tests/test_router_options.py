@@ -77,3 +77,30 @@ def test_training_configs_are_checked_before_launch(overrides, message):
     good = dict(overrides, moe_llm_layers={"layers": [1], "router": "smoe"})
     good["router_options"] = {"temperature": 1.0}
     assert resolve_config("sft", overrides=good).router_options == {"temperature": 1.0}
+
+
+def test_a_placement_naming_the_same_router_by_an_alias_keeps_the_options():
+    model = build_model("tiny", router="hyper", router_options={"k_min": 2}, moe_vision=False,
+                        moe_llm_layers={"layers": [1], "router": "hyperrouter"})  # LibMoE's name for hyper
+    assert model.config.moe["llm"]["router_options"] == {"k_min": 2}
+    resolve_config("sft", overrides={"router": "hyper", "router_options": {"k_min": 2},
+                                     "moe_llm_layers": {"layers": [1], "router": "hyperrouter"}})
+
+
+def test_options_a_router_reads_from_kwargs_are_declared():
+    name = "test_kw_options_plugin"
+    if name not in ROUTERS:
+        @register_router(name)
+        class KwPlugin(ROUTERS["smoe"]):
+            extra_options = ("sharpness",)
+
+            def __init__(self, hidden_size, num_experts, top_k, **kw):
+                self_sharpness = kw.pop("sharpness", 1.0)
+                super().__init__(hidden_size, num_experts, top_k, **kw)
+                self.sharpness = self_sharpness
+
+    check_router_options(name, {"sharpness": 2.0})
+    assert build_model("tiny", router=name, router_options={"sharpness": 2.0},
+                       moe_vision=True).config.moe["vision"]["router_options"] == {"sharpness": 2.0}
+    with pytest.raises(ValueError, match="lists it in its extra_options"):
+        check_router_options(name, {"sharpnes": 2.0})

@@ -15,10 +15,14 @@ def test_a_key_added_to_the_kit_since_the_run_counts_as_its_default(tmp_path):
     del saved["max_skipped_fraction"]  # a config.yaml written before the key existed
     saved["a_key_the_kit_dropped"] = 1
     assert config_changes(saved, cfg) == []
-    cfg.max_skipped_fraction = 0.5  # not the default: a real change
-    assert config_changes(saved, cfg) == ["max_skipped_fraction"]
+    del saved["data_root"]
+    cfg.data_root = "/data"  # not the default: a real change
+    assert config_changes(saved, cfg) == ["data_root"]
+    cfg.data_root = None
+    # the skip limit only decides whether loading fails, never which records train: it may change
+    cfg.max_skipped_fraction = 1.0  # what runs before the limit had
+    assert config_changes(saved, cfg) == []
     # a finished stage of that older kit still counts as finished
-    cfg.max_skipped_fraction = 0.1
     cfg.final_dir.mkdir(parents=True)
     (cfg.final_dir / "config.json").write_text("{}")
     (cfg.final_dir / "libmoe_run.json").write_text(json.dumps({"config": saved, "global_step": 3}))
@@ -56,6 +60,23 @@ def test_metrics_of_a_resumed_run_drop_the_rows_after_its_checkpoint(tmp_path):
     before = path.read_text()
     callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=False, global_step=0), None)
     assert path.read_text() == before  # only the main process writes
+    path.write_text(before + '{"step": 6, "lo')  # the kill cut the last line short
+    callback.on_train_begin(None, SimpleNamespace(is_world_process_zero=True, global_step=5), None)
+    assert path.read_text() == before
+
+
+def test_read_metrics_leaves_out_a_cut_last_line_and_names_a_bad_one(tmp_path):
+    import pytest
+
+    from libmoe_core.pipeline.report import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    with pytest.warns(UserWarning, match="last line is cut short"):
+        assert read_metrics(path)["step"].tolist() == [1, 2]
+    path.write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl line 2 is not JSON"):
+        read_metrics(path)
 
 
 def test_tensorboard_of_a_resumed_run_hides_the_points_after_its_checkpoint(tmp_path, monkeypatch):

@@ -131,8 +131,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     launch(straight, resume=True, on_line=said.append)
     assert json.loads((straight.final_dir / "libmoe_run.json").read_text())["global_step"] == 10
     assert any("nothing left to train" in line for line in said)
-    assert (straight.stage_dir / "metrics.jsonl").read_text().startswith(straight_lines)
-    assert max(json.loads(line)["step"] for line in (straight.stage_dir / "metrics.jsonl").read_text().splitlines()) == 10
+    assert (straight.stage_dir / "metrics.jsonl").read_text() == straight_lines  # no row for no step
     again = load_file(straight.final_dir / "model.safetensors")
     assert all(torch.equal(published[k], again[k]) for k in published)
 

@@ -20,6 +20,18 @@ def _ratio(text: str):
     return value
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def register(sub) -> None:
     from ..analysis.alarms import DEFAULT_DEAD_EXPERTS, DEFAULT_MAX_LOAD_RATIO
     from ..analysis.read import DEFAULT_BATCH_ROWS
@@ -37,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--max-load-ratio", type=_ratio, default=DEFAULT_MAX_LOAD_RATIO,
                    help="collapse alarm when max load / ideal >= this; 'auto' (default): per layer, halfway "
                    "from 1 to the most top-k allows (E/k), at most 2")
-    p.add_argument("--dead-experts", type=int, default=DEFAULT_DEAD_EXPERTS,
+    p.add_argument("--dead-experts", type=_at_least_one, default=DEFAULT_DEAD_EXPERTS,
                    help="collapse alarm when this many experts are never selected (default %(default)s)")
     p.add_argument("--fail-on-alarm", action="store_true", help="exit with status 1 when a layer is flagged")
     p.add_argument("--compare-method", choices=("auto", "zip", "join"), default="auto",

@@ -192,7 +192,7 @@ def apply_policy(loaded: LoadResult, report: Report, policy: str = "error",
                                   "nothing is left to train on (wrong image folder or a truncated file?)")
     total = len(loaded.records) + len(loaded.problems)
     dropped = total - len(kept)
-    if dropped > max_skipped_fraction * total:
+    if dropped / total > max_skipped_fraction:
         raise DataValidationError(
             report.format(limit=20) + f"\ndata policy 'skip' would drop {dropped} of {total} records and lines "
             f"({dropped / total:.1%}), more than max_skipped_fraction={max_skipped_fraction:g}: check the image "

@@ -66,6 +66,16 @@ def resolve_layers(layers, num_layers: int, placement: str) -> list[int]:
     return out
 
 
+def _same_router(a, b) -> bool:
+    """Whether two router names (ours, LibMoE aliases or plugins') are the same router."""
+    from ..moe import resolve_router_name
+
+    try:
+        return a == b or resolve_router_name(a) == resolve_router_name(b)
+    except (ValueError, TypeError):  # an unknown name is reported when the layer is built
+        return False
+
+
 def normalize_placement(value, placement: str, num_layers: int, defaults: dict | None = None) -> dict | None:
     """Turn a user value (None/False, True, shortcut, list, or dict) into a full spec (or None)."""
     if value is None or value is False:
@@ -81,7 +91,7 @@ def normalize_placement(value, placement: str, num_layers: int, defaults: dict |
         if unknown:
             raise ValueError(f"moe_{placement}: unknown field(s) {unknown}; known: {sorted(SPEC_DEFAULTS)}")
     inherited = dict(defaults or {})
-    if "router" in value and "router_options" not in value and value["router"] != inherited.get("router"):
+    if "router" in value and "router_options" not in value and not _same_router(value["router"], inherited.get("router")):
         inherited.pop("router_options", None)  # options belong to the router they were given for
     spec = {**SPEC_DEFAULTS, **inherited, **value}
     spec["router_options"] = dict(spec["router_options"] or {})

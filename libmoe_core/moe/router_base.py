@@ -114,6 +114,9 @@ class Router(nn.Module):
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
     #: Submodules that never train (the hyper router's fixed hypernetwork): see :meth:`freeze_fixed`.
     fixed_submodules: ClassVar[tuple[str, ...]] = ()
+    #: Options a subclass reads from ``**kw`` itself rather than as named ``__init__`` parameters
+    #: (named ones are found by :func:`router_option_names`).
+    extra_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -363,11 +366,13 @@ _BUILD_ARGUMENTS = ("self", "hidden_size", "num_experts", "top_k", "seed")  # gi
 
 
 def router_option_names(cls: type[Router]) -> list[str]:
-    """The keyword options a router class takes: its ``__init__``'s and, through ``**kw``, its bases'."""
+    """The keyword options a router class takes: its ``__init__``'s and, through ``**kw``, its bases',
+    plus any class's ``extra_options``."""
     import inspect
 
     names: set[str] = set()
     for klass in cls.__mro__:
+        names.update(klass.__dict__.get("extra_options", ()))
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
@@ -384,4 +389,5 @@ def check_router_options(name: str, options: dict, where: str = "router_options"
     known = router_option_names(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise ValueError(f"{where}: router {name!r} takes no option(s) {unknown}; its options: {known}")
+        raise ValueError(f"{where}: router {name!r} takes no option(s) {unknown}; its options: {known} (a router "
+                         f"that reads an option from **kwargs lists it in its extra_options)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,16 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}: did the stage run?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not JSON: {err}") from None
+            warnings.warn(f"{path}: its last line is cut short (the run stopped while writing it); left out",
+                          stacklevel=2)
     frame = pd.DataFrame([r for r in rows if "loss" in r])
     if frame.empty:
         raise ValueError(f"{path} holds no training log rows")

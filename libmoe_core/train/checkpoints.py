@@ -129,3 +129,4 @@ def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
+    _fsync(final.parent, directory=True)

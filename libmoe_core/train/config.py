@@ -259,8 +259,8 @@ def _check_data(cfg: TrainConfig) -> None:
         raise ValueError(f"dataset {cfg.dataset!r} is a manifest: set data_root to the folder `libmoe data prepare "
                          f"{manifest.name} --root DIR` filled")
     if manifest is None and cfg.data_root:
-        raise ValueError(f"data_root is for a manifest dataset (`libmoe data list`); dataset {cfg.dataset!r} is not one "
-                         f"(give image_folder for a JSON/JSONL file)")
+        raise ValueError(f"data_root is for a prepared manifest (`libmoe data list`); dataset {cfg.dataset!r} "
+                         f"is {'built in' if cfg.dataset == 'easyvqa' else 'a file: give image_folder for its images'}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -313,12 +313,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"max_steps must be -1 (whole epochs) or > 0, got {cfg.max_steps!r}")
     if cfg.top_k > cfg.num_experts:
         raise ValueError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
-    from ..moe import check_router_options
+    from ..moe import check_router_options, resolve_router_name
 
     check_router_options(cfg.router, cfg.router_options)  # an unknown router lists the known ones
     llm = cfg.moe_llm_layers if isinstance(cfg.moe_llm_layers, dict) else {}
     if "router" in llm or "router_options" in llm:  # the llm placement's own (normalize_placement's rule)
         router = llm.get("router", cfg.router)
-        own = llm.get("router_options", cfg.router_options if router == cfg.router else {})
+        same = resolve_router_name(router) == resolve_router_name(cfg.router)
+        own = llm.get("router_options", cfg.router_options if same else {})
         check_router_options(router, own or {}, where="moe_llm_layers router_options")
     cfg.gradient_accumulation_steps(cfg.num_procs)

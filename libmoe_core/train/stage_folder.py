@@ -28,6 +28,7 @@ from .config import TrainConfig
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers", "hostfile",
     "gradient_checkpointing", "run_dir",
+    "max_skipped_fraction",  # decides only whether loading fails, never which records are kept
 })
 RUN_INFO = "libmoe_run.json"  # written into final/ by the runner: the config that produced it
 

@@ -52,6 +52,7 @@ class MoETrainer(Trainer):
         # more step before it checks. Its weights are loaded already; train() returns them as they are.
         if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
             self.control.should_training_stop = True
+            self._nothing_trained = True  # no train summary row (a train_loss of 0.0 over no steps)
             return None
         return super()._run_epoch(*args, **kwargs)
 
@@ -83,6 +84,8 @@ class MoETrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        if getattr(self, "_nothing_trained", False) and "train_runtime" in logs:
+            return
         if "loss" in logs and self._micro_steps:
             for name, total in self._sums.items():
                 logs[name] = total / self._micro_steps
@@ -111,6 +114,13 @@ class RouterScheduleCallback(TrainerCallback):
             routers_step_end(model)
 
 
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
 class MetricsFileCallback(TrainerCallback):
     """Appends every log (one JSON object per line) to ``metrics.jsonl`` on the main process.
 
@@ -124,8 +134,8 @@ class MetricsFileCallback(TrainerCallback):
         if not state.is_world_process_zero or not self.path.is_file():
             return
         lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-        if len(kept) != len(lines):
+        kept = [line for line in lines if (row := _json_or_none(line)) is not None and row.get("step", 0) <= state.global_step]
+        if len(kept) != len(lines):  # also drops a line torn by the kill
             checkpoints.write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
