@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "its last complete checkpoint)")
     parser.add_argument("--clear-outdated", action="store_true",
                         help="delete the checkpoints, metrics and model of a training step made from an older "
-                        "upstream model before training it again (default: stop and name it)")
+                        "upstream model, or with settings a resume cannot change, before training it again "
+                        "(default: stop and name it)")
 
 
 def parse_stage_overrides(items: list[str]) -> dict[str, dict]:
@@ -56,6 +57,10 @@ def run(args) -> int:
     except ValueError as err:  # a bad --stages, --router, --set, --cell-timeout or --timeout-retries
         print(f"libmoe pipeline: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("libmoe pipeline: interrupted; run the same command again to continue (a training step resumes "
+              "from its last complete checkpoint)", file=sys.stderr)
+        return 130
     if code == 0:
         print(report(plan))
     return code

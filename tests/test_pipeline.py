@@ -11,6 +11,7 @@ import pytest
 from libmoe_core.pipeline.evaluate import accuracy_by_type, easyvqa_baselines
 from libmoe_core.pipeline.runner import execute, plan_pipeline
 from libmoe_core.pipeline.stage import stage_config
+from libmoe_core.train.stage_folder import write_run_info
 
 
 def test_plan_has_one_sft_and_eval_per_router(tmp_path):
@@ -22,12 +23,30 @@ def test_plan_has_one_sft_and_eval_per_router(tmp_path):
     assert sft.parameters["router"] == "sigmoid" and sft.output == tmp_path / "r" / "sft-sigmoid" / "sft.ipynb"
     assert sft.done_marker == tmp_path / "r" / "sft-sigmoid" / "final" / "config.json"
     assert plan.steps[6].parameters["traces"] == [str(tmp_path / "r" / f"eval-{r}" / "traces") for r in ("smoe", "sigmoid")]
-    # the comparison step is done per set of routers: a third router makes it run again
-    assert plan.steps[6].done_marker.name == "router_entropy.smoe+sigmoid.ok"
-    three = plan_pipeline(routers=["smoe", "sigmoid", "cosine"], runs_root=tmp_path, run_name="r")
-    plan.steps[6].done_marker.parent.mkdir(parents=True)
-    plan.steps[6].done_marker.write_text("done")
-    assert plan.steps[6].done() and not next(s for s in three.steps if s.name == "analysis").done()
+    # the comparison step is done for the parameters it ran with: another set of routers runs it again
+    comparison = plan.steps[6]
+    comparison.done_marker.parent.mkdir(parents=True)
+    comparison.done_marker.write_text("done")
+    assert not comparison.done() and comparison.changed() == ["(no record of the parameters it ran with)"]
+    comparison.parameters_record.write_text(json.dumps(comparison.parameters))
+    assert comparison.done()
+    for routers in (["smoe", "sigmoid", "cosine"], ["smoe"]):
+        other = next(s for s in plan_pipeline(routers=routers, runs_root=tmp_path, run_name="r").steps
+                     if s.name == "analysis")
+        assert other.done_marker == comparison.done_marker and other.changed() == ["labels", "traces"]
+    with pytest.raises(ValueError, match=r"router\(s\) \['smoe'\] given more than once"):
+        plan_pipeline(routers=["smoe", "sigmoid", "smoe"], runs_root=tmp_path)
+    with pytest.raises(ValueError, match=r"eval.ipynb: the pipeline sets \['run_name'\] itself"):  # not run, checked
+        plan_pipeline(stages=["pretrain"], runs_root=tmp_path, stage_parameters={"eval": {"run_name": "x"}})
+    only = plan_pipeline(stages=["pretrain"], runs_root=tmp_path, stage_parameters={"eval": {"limit": 5}})
+    assert [s.name for s in only.steps] == ["pretrain"]
+    assert only.notes == ["--set for eval: checked, not used (--stages pretrain)"]
+    with pytest.raises(ValueError, match=r"unknown pretrain notebook parameter\(s\) \['router'\]"):
+        plan_pipeline(stages=["pretrain"], runs_root=tmp_path, stage_parameters={"pretrain": {"router": "sigmoid"}})
+    with pytest.raises(ValueError, match=r"parameter\(s\) \['num_experts'\] are for the sft stage"):
+        stage_config("pft", num_experts=8)  # papermill -p num_experts 8 on the pft notebook
+    with pytest.raises(ValueError, match="max_steps must be -1"):  # a bad sft value, before pretrain trains
+        plan_pipeline(runs_root=tmp_path, stage_parameters={"sft": {"max_steps": 0}})
     with pytest.raises(ValueError, match="unknown stage"):
         plan_pipeline(stages=["pretrain", "distill"], runs_root=tmp_path)
     with pytest.raises(ValueError, match="unknown router"):
@@ -50,7 +69,8 @@ def test_skips_completed_steps_and_stops_at_the_first_failure(tmp_path):
     _notebook(nbdir / "analysis" / "expert_collapse.ipynb", "pass")
     plan = plan_pipeline(stages=["pretrain", "analysis"], runs_root=tmp_path / "runs", notebook_dir=nbdir)
     plan.steps[0].done_marker.parent.mkdir(parents=True)
-    plan.steps[0].done_marker.write_text("{}")  # pretrain already done
+    plan.steps[0].done_marker.write_text("{}")  # pretrain already done, with this config
+    write_run_info(plan.steps[0].done_marker.parent, plan.steps[0].config, 1)
     lines = []
     assert execute(plan, log=lines.append) == 1
     text = "\n".join(lines)
@@ -77,7 +97,7 @@ def test_a_cell_past_the_timeout_fails_the_step_or_runs_it_again(tmp_path):
     plan = plan_pipeline(stages=["analysis"], runs_root=tmp_path / "runs", notebook_dir=nbdir)
     lines = []
     assert execute(plan, log=lines.append, cell_timeout=5) == 1
-    assert "analysis FAILED: CellTimeoutError" in "\n".join(lines)
+    assert "analysis FAILED: a cell ran past --cell-timeout 5 s\n" in "\n".join(lines) + "\n"  # was: '---------'
     flag.unlink()
     lines.clear()
     assert execute(plan, log=lines.append, cell_timeout=5, timeout_retries=1) == 0

@@ -14,7 +14,9 @@ from nbclient.exceptions import CellTimeoutError
 from papermill.iorw import load_notebook_node
 from papermill.parameterize import parameterize_notebook
 
-from libmoe_core.pipeline.runner import NOTEBOOK_DIR, execute, plan_pipeline
+from libmoe_core.pipeline.runner import NOTEBOOK_DIR, _notebook_defaults, execute, plan_pipeline
+from libmoe_core.pipeline.stage import stage_config
+from libmoe_core.train.stage_folder import write_run_info
 from runners.pipeline import main as pipeline_main
 
 
@@ -24,6 +26,15 @@ def _touch(path, text="{}", age_s=0.0):
     if age_s:
         os.utime(path, (time.time() - age_s,) * 2)
     return path
+
+
+def _mark_done(step, age_s=0.0):
+    """What a finished step leaves: its product, and the config (training) or parameters it ran with."""
+    _touch(step.done_marker, age_s=age_s)
+    if step.trains:
+        write_run_info(step.done_marker.parent, step.config, 1)
+    else:
+        _touch(step.parameters_record, json.dumps(step.parameters), age_s=age_s)
 
 
 def _checkpoint(stage_dir, step, complete=True, age_s=0.0):
@@ -41,13 +52,16 @@ class Papermill:
         monkeypatch.setattr(papermill, "execute_notebook", self)
 
     def __call__(self, notebook, output, parameters, **kwargs):
-        call = {"output": Path(output), "parameters": parameters, **kwargs}
+        call = {"notebook": Path(notebook), "output": Path(output), "parameters": parameters, **kwargs}
         self.calls.append(call)
         self.action(Path(output).parent.name, call)
 
 
 def _finish_training(name, call):
-    _touch(call["output"].parent / "final" / "config.json")
+    """A training notebook's product: the final model and the config it was trained with."""
+    final = _touch(call["output"].parent / "final" / "config.json").parent
+    params = {**_notebook_defaults(call["notebook"]), **call["parameters"]}
+    write_run_info(final, stage_config(call["notebook"].stem, **params), 1)
 
 
 def test_a_training_step_resumes_from_its_last_complete_checkpoint(tmp_path, monkeypatch):
@@ -91,7 +105,7 @@ def test_a_step_made_from_something_newer_runs_again(tmp_path, monkeypatch):
     plan = plan_pipeline(routers=["smoe"], stages=["sft", "eval", "analysis"], runs_root=tmp_path, run_name="r")
     sft, evaluation = plan.steps[:2]
     for step in plan.steps:  # everything was done an hour ago ...
-        _touch(step.done_marker, age_s=3600)
+        _mark_done(step, age_s=3600)
     assert all(step.done() for step in plan.steps)
     _touch(sft.done_marker)  # ... then sft was trained again
     assert sft.done() and not evaluation.done() and evaluation.outdated_by() == [sft.done_marker]
@@ -176,7 +190,10 @@ def test_relative_paths_are_taken_from_the_callers_directory(tmp_path, monkeypat
     nb.cells = [params, nbformat.v4.new_code_cell(
         "import os, pathlib\nassert os.path.isfile(dataset), (os.getcwd(), dataset)\n"
         "final = pathlib.Path(runs_root, run_name, 'pretrain', 'final')\nfinal.mkdir(parents=True)\n"
-        "(final / 'config.json').write_text('{}')")]
+        "(final / 'config.json').write_text('{}')\n"
+        "from libmoe_core.pipeline.stage import stage_config\nfrom libmoe_core.train.stage_folder import write_run_info\n"
+        "write_run_info(final, stage_config('pretrain', dataset=dataset, preset=preset, run_name=run_name, "
+        "runs_root=runs_root), 1)")]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbdir.mkdir()
     nbformat.write(nb, nbdir / "pretrain.ipynb")
@@ -277,3 +294,68 @@ def test_clear_outdated_waits_for_the_stage_lock(tmp_path, monkeypatch):
     assert any("sft-smoe FAILED" in line and "in use by another training run" in line for line in lines), lines
     assert execute(plan, log=lines.append, clear_outdated=True) == 0  # free: cleared, then trained
     assert not (run / "sft-smoe" / "checkpoints").exists() and len(fake.calls) == 1
+
+
+def test_a_finished_step_given_other_parameters_runs_again(tmp_path, monkeypatch):
+    from libmoe_core.train.checkpoints import last_complete_checkpoint
+
+    def train(name, call):
+        folder = call["output"].parent
+        call["log_before"] = (folder / "train.log").is_file()
+        _finish_training(name, call)
+        params = {**_notebook_defaults(call["notebook"]), **call["parameters"]}
+        stage_config(call["notebook"].stem, **params).save(folder / "config.yaml")
+        if last_complete_checkpoint(folder / "checkpoints") is None:
+            _checkpoint(folder, 4)
+        _touch(folder / "train.log", "log")
+
+    fake = Papermill(monkeypatch, train)
+
+    def plan(**params):
+        return plan_pipeline(stages=["pft"], runs_root=tmp_path, run_name="r", stage_parameters={"pft": params})
+
+    assert execute(plan(max_steps=4), log=lambda line: None) == 0
+    assert plan(max_steps=4).steps[0].done()
+    # more steps (a change a resume may make): the run continues
+    more = plan(max_steps=8).steps[0]
+    assert more.changed() == ["max_steps"] and more.resume()
+    lines = []
+    assert execute(plan(max_steps=8), log=lines.append) == 0
+    assert fake.calls[-1]["parameters"]["resume"] is True
+    assert any("pft: its parameters changed since it ran (max_steps); running it again" in line for line in lines)
+    # another learning rate (was: 'already complete, skipped'): that run cannot be continued
+    other = plan(max_steps=8, learning_rate=0.5)
+    assert other.steps[0].changed() == ["learning_rate"]
+    assert other.steps[0].resume_blocker() == "trained with other settings (learning_rate)"
+    lines = []
+    assert execute(other, log=lines.append) == 1
+    assert any("holds a run trained with other settings (learning_rate)" in line and "--clear-outdated" in line
+               for line in lines), lines
+    assert execute(other, log=lambda line: None, clear_outdated=True) == 0
+    assert fake.calls[-1]["parameters"]["resume"] is False and not fake.calls[-1]["log_before"]  # log cleared too
+    assert plan(max_steps=8, learning_rate=0.5).steps[0].done()
+
+    # an evaluation with another limit runs again; the same one is skipped
+    def evaluate(name, call):
+        _touch(call["output"].parent / "eval_summary.json")
+
+    fake = Papermill(monkeypatch, evaluate)
+
+    def evaluation(**params):
+        return plan_pipeline(stages=["eval"], routers=["smoe"], runs_root=tmp_path, run_name="r",
+                             stage_parameters={"eval": params})
+
+    assert execute(evaluation(limit=20), log=lambda line: None) == 0
+    assert evaluation(limit=20).steps[0].done() and evaluation(limit=40).steps[0].changed() == ["limit"]
+    assert execute(evaluation(limit=40), log=lambda line: None) == 0 and len(fake.calls) == 2
+
+
+def test_an_interrupted_pipeline_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    from libmoe_core.pipeline import runner
+
+    def interrupted(plan, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "execute", interrupted)
+    assert pipeline_main(["--runs-root", str(tmp_path), "--stages", "pretrain"]) == 130
+    assert "interrupted; run the same command again to continue" in capsys.readouterr().err

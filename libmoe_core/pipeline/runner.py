@@ -1,8 +1,10 @@
 """The pipeline: stage notebooks executed in order by papermill, resumable, one sft per router.
 
 Each executed notebook is saved in the run folder next to what it produced. A step is skipped
-when its product exists and is newer than the products it was made from (so redoing a step
-redoes the steps after it); a training step whose folder holds an earlier attempt resumes it;
+when its product exists, is newer than the products it was made from (so redoing a step
+redoes the steps after it) and was made with the parameters given now (a training stage's final
+model records its config; the runner records other steps' parameters next to the executed
+notebook); a training step whose folder holds an earlier attempt resumes it when it can;
 the first failure stops the pipeline and names the executed notebook that holds the traceback.
 Kernels run in the caller's working directory: relative paths in parameters mean what they
 mean there.
@@ -10,12 +12,13 @@ mean there.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.checkpoints import MARKER, checkpoints, last_complete_checkpoint
+from ..train.checkpoints import MARKER, checkpoints, last_complete_checkpoint, write_atomic
 
 STAGES = ("pretrain", "pft", "sft", "eval", "analysis")
 TRAINING_STAGES = ("pretrain", "pft", "sft")
@@ -44,23 +47,62 @@ class Step:
     seconds: float | None = None
     skipped: bool = False
     marker_written_by_runner: bool = False  # for steps whose product has no natural end marker
+    config: object | None = None  # a training step's TrainConfig, resolved from its parameters
+
+    @property
+    def parameters_record(self) -> Path:
+        """The parameters the step last ran with (written by the runner after it succeeded)."""
+        return self.output.with_suffix(".params.json")
 
     def outdated_by(self) -> list[Path]:
         """Upstream products newer than this step's product."""
         return _newer(self.upstream, self.done_marker) if self.done_marker.exists() else []
 
+    def changed(self) -> list[str]:
+        """What differs from the run that made the product: a training step's config keys (its final
+        model records them), another step's parameters (recorded by the runner)."""
+        if self.trains:
+            from ..train.stage_folder import final_changes
+
+            return final_changes(self.config)
+        if not self.parameters_record.is_file():
+            return ["(no record of the parameters it ran with)"]
+        saved = json.loads(self.parameters_record.read_text())
+        now = json.loads(json.dumps(self.parameters))
+        return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
     def done(self) -> bool:
-        return self.done_marker.exists() and not self.outdated_by()
+        return self.done_marker.exists() and not self.outdated_by() and not self.changed()
+
+    def resume_blocker(self) -> str | None:
+        """Why the earlier run in a training step's folder cannot be continued (None: it can, or
+        there is none): made from an older upstream model, or trained with other settings."""
+        folder = self.output.parent
+        last = last_complete_checkpoint(folder / "checkpoints")
+        if not self.trains or last is None:
+            return None
+        if _newer(self.upstream, last / MARKER):
+            return "made from an older upstream model"
+        saved = folder / "config.yaml"
+        if self.config is not None and saved.is_file():
+            import yaml
+
+            from ..train.stage_folder import config_changes
+
+            changed = config_changes(yaml.safe_load(saved.read_text()) or {}, self.config)
+            if changed:
+                return f"trained with other settings ({', '.join(changed)})"
+        return None
 
     def resume(self) -> bool:
         """Whether a training step continues the earlier attempt in its folder: from its last complete
-        checkpoint (or afresh when it left none), unless that predates what the stage starts from."""
+        checkpoint (or afresh when it left none), unless :meth:`resume_blocker` says it cannot."""
         folder = self.output.parent
         last = last_complete_checkpoint(folder / "checkpoints")
         if last is None:  # an attempt that died before its first complete checkpoint: resuming starts it over
             partial = checkpoints(folder / "checkpoints") or (folder / "metrics.jsonl").is_file()
             return self.trains and bool(partial) and not (folder / "final" / "config.json").is_file()
-        return self.trains and not _newer(self.upstream, last / MARKER)
+        return self.trains and self.resume_blocker() is None
 
 
 @dataclass
@@ -69,17 +111,36 @@ class PipelinePlan:
     routers: list[str]
     steps: list[Step] = field(default_factory=list)
     cwd: Path = field(default_factory=Path.cwd)  # where the kernels run
+    notes: list[str] = field(default_factory=list)  # said before the first step
 
 
 def _parameter_names(stage: str, notebook: Path) -> set[str]:
     """What a stage's notebook takes: every name ``stage_config`` knows, or the ``parameters`` cell."""
     if stage in TRAINING_STAGES:
-        from .stage import NON_CONFIG_PARAMETERS, PARAMETER_KEYS
+        from .stage import MOE_PARAMETERS, NON_CONFIG_PARAMETERS, PARAMETER_KEYS
 
-        return (set(PARAMETER_KEYS) | NON_CONFIG_PARAMETERS) - {"stage_tag"}  # the plan names the folders
+        names = (set(PARAMETER_KEYS) | NON_CONFIG_PARAMETERS) - {"stage_tag"}  # the plan names the folders
+        return names if stage == "sft" else names - MOE_PARAMETERS
     import papermill as pm
 
     return set(pm.inspect_notebook(str(notebook)))
+
+
+def _notebook_defaults(notebook: Path) -> dict:
+    """The values a notebook's ``parameters`` cell assigns (literals)."""
+    import ast
+
+    import papermill as pm
+
+    out = {}
+    if not Path(notebook).is_file():  # reported when the step runs
+        return out
+    for name, info in pm.inspect_notebook(str(notebook)).items():
+        try:
+            out[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{notebook}: parameter {name!r} = {info['default']} is not a literal") from None
+    return out
 
 
 def notebook_overrides(stage_parameters: dict[str, dict], notebook_dir: Path) -> dict[str, dict]:
@@ -118,15 +179,22 @@ def plan_pipeline(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    routers = [resolve_router_name(r) for r in routers]
+    given = list(routers)
+    routers = [resolve_router_name(r) for r in given]
     if not routers:
         raise ValueError("give at least one router")
+    twice = sorted({r for r in routers if routers.count(r) > 1})
+    if twice:
+        raise ValueError(f"router(s) {twice} given more than once (--router {' --router '.join(given)})")
+    not_run = sorted(set(stage_parameters or {}) & set(STAGES) - set(stages))
     runs_root = Path(runs_root).resolve()
     run_dir = runs_root / run_name
     notebooks = Path(notebook_dir)
     overrides = notebook_overrides(stage_parameters or {}, notebooks)
     common = {"preset": preset, "run_name": run_name, "runs_root": str(runs_root)}
     plan = PipelinePlan(run_dir, list(routers))
+    if not_run:
+        plan.notes.append(f"--set for {', '.join(not_run)}: checked, not used (--stages {','.join(stages)})")
 
     def add(name, notebook, folder, parameters, marker=None, runner_marker=None, upstream=(), trains=False):
         """``marker``: written by the notebook's own work; else the runner writes ``runner_marker``
@@ -140,6 +208,13 @@ def plan_pipeline(
         runner_marker = runner_marker or output.with_suffix(".ok")
         step = Step(name, notebooks / notebook, output, {**parameters, **extra}, marker or runner_marker,
                     upstream=tuple(upstream), trains=trains, marker_written_by_runner=marker is None)
+        if trains:  # the config the stage will train with: bad values fail now, before any stage runs
+            from .stage import stage_config
+
+            given = {**_notebook_defaults(notebooks / notebook), **step.parameters}  # what the kernel will hold
+            step.config = stage_config(Path(notebook).stem, **given)
+            if step.config.stage_dir.resolve() != folder.resolve():
+                raise ValueError(f"{name}: its config trains in {step.config.stage_dir}, not {folder}")
         plan.steps.append(step)
         return step
 
@@ -149,6 +224,7 @@ def plan_pipeline(
         model = plan.cwd / step.parameters[key] if step.parameters.get(key) else default
         step.upstream = (model / "config.json",) if model else ()
 
+    requested, stages = stages, STAGES  # every stage is planned, so every --set is checked; the rest are dropped
     for stage, previous in (("pretrain", None), ("pft", "pretrain")):
         if stage in stages:
             folder = run_dir / stage
@@ -171,22 +247,30 @@ def plan_pipeline(
         folder = run_dir / "analysis"
         traces = [str(run_dir / f"eval-{r}" / "traces") for r in routers]
         summaries = [run_dir / f"eval-{r}" / "eval_summary.json" for r in routers]
-        # the comparison is done for this set of routers: adding a router later runs it again
+        # the comparison is of this set of routers (its parameters): another set runs it again
         add("analysis", "analysis/router_entropy.ipynb", folder,
             {"traces": traces, "labels": list(routers), "out_dir": str(folder / "router_entropy")},
-            runner_marker=folder / f"router_entropy.{'+'.join(routers)}.ok", upstream=summaries)
+            upstream=summaries)
         for router, trace, summary in zip(routers, traces, summaries):
             add(f"analysis-{router}", "analysis/expert_collapse.ipynb", folder / f"collapse-{router}",
                 {"traces": [trace], "out_dir": str(folder / f"collapse-{router}")}, upstream=[summary])
+    plan.steps = [step for step in plan.steps if step.name.split("-")[0] in requested]
     return plan
 
 
 def _stale_training(step: Step) -> list[str]:
     """An earlier run in a training step's folder that the step must not resume (made from an
-    older upstream model), which a fresh launch would refuse."""
+    older upstream model, or with other settings), which a fresh launch would refuse."""
     from ..train.stage_folder import earlier_run_in
 
     return earlier_run_in(step.output.parent) if step.trains and not step.resume() else []
+
+
+def _error_line(err: Exception) -> str:
+    """The line of an error worth printing: its last line that is not a rule of dashes or the like."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    lines = [line for line in lines if line and any(c.isalnum() for c in line)]
+    return lines[-1] if lines else ""
 
 
 def _clear_outdated_run(step: Step, log) -> None:
@@ -230,6 +314,8 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
     if timeout_retries < 0:
         raise ValueError(f"timeout_retries must be >= 0, got {timeout_retries!r}")
 
+    for note in plan.notes:
+        log(f"[pipeline] {note}")
     for step in plan.steps:
         if step.done():
             step.skipped = True
@@ -237,9 +323,13 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
             continue
         if step.outdated_by():
             log(f"[pipeline] {step.name}: outdated, {step.outdated_by()[0]} is newer than {step.done_marker}")
+        elif step.done_marker.exists():
+            log(f"[pipeline] {step.name}: its parameters changed since it ran ({', '.join(step.changed()[:6])}); "
+                "running it again")
         stale = _stale_training(step)
         if stale and not clear_outdated:
-            log(f"[pipeline] {step.name} FAILED: {step.output.parent} holds a run made from an older upstream model "
+            why = step.resume_blocker() or "that cannot be continued"
+            log(f"[pipeline] {step.name} FAILED: {step.output.parent} holds a run {why} "
                 f"({', '.join(stale[:3])}); run again with --clear-outdated to delete it, or delete it yourself")
             return 1
         if stale:
@@ -268,16 +358,23 @@ def execute(plan: PipelinePlan, *, log: Callable[[str], None] = print, kernel: s
                         raise
                     log(f"[pipeline] {step.name}: a cell ran past {cell_timeout} s; running the step again "
                         f"({attempt + 1} of {timeout_retries})")
+        except CellTimeoutError:
+            log(f"[pipeline] {step.name} FAILED: a cell ran past --cell-timeout {cell_timeout:g} s"
+                + (f" in each of {timeout_retries + 1} attempts" if timeout_retries else ""))
+            log(f"[pipeline] the executed notebook: {step.output}")
+            return 1
         except Exception as err:  # noqa: BLE001  papermill's execution error, or a missing kernel/notebook: named, then exit 1
-            log(f"[pipeline] {step.name} FAILED: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}")
+            log(f"[pipeline] {step.name} FAILED: {type(err).__name__}: {_error_line(err)}")
             log(f"[pipeline] the executed notebook with the full traceback: {step.output}")
             return 1
         step.seconds = time.perf_counter() - started
+        write_atomic(step.parameters_record, json.dumps(step.parameters, indent=1, sort_keys=True))
         if step.marker_written_by_runner:
             step.done_marker.write_text(f"{step.seconds:.1f} s\n")
         if not step.done():
-            log(f"[pipeline] {step.name} FAILED: the notebook ran but did not write {step.done_marker} anew; "
-                f"see {step.output}")
+            log(f"[pipeline] {step.name} FAILED: the notebook ran but did not write {step.done_marker} anew"
+                + (f" for these parameters ({', '.join(step.changed()[:6])})" if step.changed() else "")
+                + f"; see {step.output}")
             return 1
         log(f"[pipeline] {step.name}: done in {step.seconds:.0f} s")
     return 0

@@ -22,6 +22,9 @@ PARAMETER_KEYS = {
     "balance_coef": "balance_coef", "z_coef": "z_coef", "max_length": "max_length",
 }
 NON_CONFIG_PARAMETERS = {"run_name", "runs_root", "stage_tag", "resume"}
+# Only the sft stage upcycles to MoE; pretrain and pft refuse these (they would be recorded, unused).
+MOE_PARAMETERS = {"router", "num_experts", "top_k", "moe_vision", "moe_projector", "moe_llm_layers", "balance_coef",
+                  "z_coef"}
 
 
 def notebook_parameters(namespace: dict) -> dict:
@@ -43,6 +46,9 @@ def stage_config(stage: str, **params) -> TrainConfig:
     unknown = sorted(set(params) - set(PARAMETER_KEYS) - NON_CONFIG_PARAMETERS)
     if unknown:
         raise ValueError(f"unknown notebook parameter(s) {unknown}; known: {sorted(set(PARAMETER_KEYS) | NON_CONFIG_PARAMETERS)}")
+    moe = sorted(k for k in set(params) & MOE_PARAMETERS if params[k] is not None)
+    if stage != "sft" and moe:
+        raise ValueError(f"parameter(s) {moe} are for the sft stage (MoE); {stage} trains a dense model")
     run_name = params.get("run_name") or "default"
     if not isinstance(run_name, str) or "/" in run_name:
         raise ValueError(f"parameter 'run_name' must be a folder name, got {run_name!r}")

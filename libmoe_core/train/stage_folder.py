@@ -51,11 +51,11 @@ def earlier_run_in(stage_dir: Path) -> list[str]:
 
 
 def clear_run(stage_dir: Path) -> None:
-    """Delete a stage folder's training products (checkpoints, metrics, TensorBoard, final model)."""
+    """Delete a stage folder's training products (checkpoints, metrics, TensorBoard, final model, log)."""
     stage_dir = Path(stage_dir)
     for name in ("checkpoints", "tb", "final"):
         shutil.rmtree(stage_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "config.yaml"):
+    for name in ("metrics.jsonl", "config.yaml", "train.log"):
         (stage_dir / name).unlink(missing_ok=True)
 
 
@@ -100,13 +100,20 @@ def check_resume_config(cfg: TrainConfig) -> None:
         )
 
 
-def finished(cfg: TrainConfig) -> bool:
-    """``final/`` was written by a run of this very config (nothing left to train)."""
+def final_changes(cfg: TrainConfig) -> list[str]:
+    """How ``cfg`` differs from the config that wrote ``final/`` (``max_steps`` included: a resume may
+    change it, but then there is more to train); ``["final/"]`` when there is no final model."""
     info = cfg.final_dir / RUN_INFO
     if not info.is_file() or not (cfg.final_dir / "config.json").is_file():
-        return False
+        return ["final/"]
     produced_by = json.loads(info.read_text()).get("config", {})
-    return not config_changes(produced_by, cfg) and produced_by.get("max_steps") == cfg.max_steps
+    steps = [] if saved_value(produced_by, "max_steps") == cfg.max_steps else ["max_steps"]
+    return config_changes(produced_by, cfg) + steps
+
+
+def finished(cfg: TrainConfig) -> bool:
+    """``final/`` was written by a run of this very config (nothing left to train)."""
+    return not final_changes(cfg)
 
 
 def clear_for_restart(cfg: TrainConfig) -> None:
