@@ -126,3 +126,17 @@ def test_a_checkpoint_is_synced_to_disk_before_its_marker(tmp_path, monkeypatch)
     for name in ("model.safetensors", "trainer_state.json", "global_step7/optim_states.pt", "global_step7", "."):
         assert str((ckpt / name).resolve()) in before, name
     assert str(ckpt.resolve()) == synced[-1]  # the rename of the marker, synced through its folder
+
+
+def test_final_changes_say_what_is_missing(tmp_path):
+    from libmoe_core.train.stage_folder import final_changes, write_run_info
+
+    cfg = resolve_config("pft", overrides={"run_dir": str(tmp_path)})
+    assert final_changes(cfg) == ["(no final model)"]
+    cfg.final_dir.mkdir(parents=True)
+    (cfg.final_dir / "config.json").write_text("{}")
+    assert final_changes(cfg) == ["(no libmoe_run.json recording the config the final model was made with)"]
+    write_run_info(cfg.final_dir, cfg, 4)
+    assert final_changes(cfg) == []
+    cfg.max_steps, cfg.learning_rate = 8, 0.5
+    assert final_changes(cfg) == ["learning_rate", "max_steps"]

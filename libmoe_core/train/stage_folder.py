@@ -102,10 +102,13 @@ def check_resume_config(cfg: TrainConfig) -> None:
 
 def final_changes(cfg: TrainConfig) -> list[str]:
     """How ``cfg`` differs from the config that wrote ``final/`` (``max_steps`` included: a resume may
-    change it, but then there is more to train); ``["final/"]`` when there is no final model."""
+    change it, but then there is more to train); one entry saying so when there is no final model or
+    no record of its config."""
     info = cfg.final_dir / RUN_INFO
-    if not info.is_file() or not (cfg.final_dir / "config.json").is_file():
-        return ["final/"]
+    if not (cfg.final_dir / "config.json").is_file():
+        return ["(no final model)"]
+    if not info.is_file():
+        return [f"(no {RUN_INFO} recording the config the final model was made with)"]
     produced_by = json.loads(info.read_text()).get("config", {})
     steps = [] if saved_value(produced_by, "max_steps") == cfg.max_steps else ["max_steps"]
     return config_changes(produced_by, cfg) + steps
