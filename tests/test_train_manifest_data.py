@@ -58,7 +58,7 @@ def test_a_manifest_file_of_ones_own(prepared, tmp_path):
 
 @pytest.mark.parametrize("overrides,error,message", [
     ({"dataset": "llava-v1.5-mix665k"}, ValueError, "is a manifest: set data_root .*`libmoe data prepare llava-v1.5-mix665k --root DIR`"),
-    ({"dataset": "data.json", "data_root": "/data"}, ValueError, "data_root is for a manifest dataset"),
+    ({"dataset": "data.json", "data_root": "/data"}, ValueError, "data_root is for a prepared manifest .*data.json. is a file: give image_folder"),
     ({"dataset": "coco-train2017", "data_root": "/data"}, ValueError, "has 0 annotation files \\(images only\\)"),
     ({"dataset": "llava-v1.5-mix665k", "data_root": "/nowhere"}, FileNotFoundError,
      "no /nowhere/jsons/llava_v1_5_mix665k.json; fetch it with `libmoe data prepare llava-v1.5-mix665k --root /nowhere`"),
@@ -73,3 +73,8 @@ def test_a_yaml_that_is_not_a_manifest_is_refused(tmp_path):
     bad.write_text("- just a list\n")
     with pytest.raises(ValueError, match="dataset: .*bad.yaml: a manifest is a mapping"):
         resolve_config("sft", overrides={"dataset": str(bad), "data_root": str(tmp_path)})
+
+
+def test_data_root_with_the_built_in_dataset_says_it_is_built_in():
+    with pytest.raises(ValueError, match="dataset 'easyvqa' is built in"):
+        resolve_config("sft", overrides={"dataset": "easyvqa", "data_root": "/data"})
