@@ -7,7 +7,8 @@ A placement spec (stored in ``config.moe[placement]``, JSON-friendly)::
      "router_options": {}, "seed": 0, "noise": 0.0}
 
 A placement that names a router other than the model-wide one does not inherit the model-wide
-``router_options`` (they are that router's); give its own. ``layers`` accepts a list of indices (distinct ints in range; the projector has one site, 0)
+``router_options`` (they are that router's; :func:`placement_router_options`); give its own.
+``layers`` accepts a list of indices (distinct ints in range; the projector has one site, 0)
 or ``all`` / ``every_other`` (1, 3, 5, ...) / ``second_half`` when given to
 :func:`normalize_placement`; the config stores the list (and checks specs given to it).
 Each layer's router is seeded ``seed + PLACEMENT_SEED_OFFSET[placement] + layer``.
@@ -66,14 +67,21 @@ def resolve_layers(layers, num_layers: int, placement: str) -> list[int]:
     return out
 
 
-def _same_router(a, b) -> bool:
-    """Whether two router names (ours, LibMoE aliases or plugins') are the same router."""
-    from ..moe import resolve_router_name
+def placement_router_options(value: dict, router: str | None, options: dict | None) -> dict:
+    """The ``router_options`` of a placement dict ``value`` given the model-wide ``router`` and
+    ``options``: its own, else the model-wide ones unless it names another router (aliases resolved)."""
+    if "router_options" in value:
+        return dict(value["router_options"] or {})
+    if "router" in value and value["router"] != router:
+        from ..moe import resolve_router_name
 
-    try:
-        return a == b or resolve_router_name(a) == resolve_router_name(b)
-    except (ValueError, TypeError):  # an unknown name is reported when the layer is built
-        return False
+        try:
+            same = resolve_router_name(value["router"]) == resolve_router_name(router)
+        except (ValueError, TypeError):  # an unknown name is reported when the layer is built
+            same = False
+        if not same:
+            return {}
+    return dict(options or {})
 
 
 def normalize_placement(value, placement: str, num_layers: int, defaults: dict | None = None) -> dict | None:
@@ -90,11 +98,9 @@ def normalize_placement(value, placement: str, num_layers: int, defaults: dict |
         unknown = sorted(set(fields) - set(SPEC_DEFAULTS))
         if unknown:
             raise ValueError(f"moe_{placement}: unknown field(s) {unknown}; known: {sorted(SPEC_DEFAULTS)}")
-    inherited = dict(defaults or {})
-    if "router" in value and "router_options" not in value and not _same_router(value["router"], inherited.get("router")):
-        inherited.pop("router_options", None)  # options belong to the router they were given for
-    spec = {**SPEC_DEFAULTS, **inherited, **value}
-    spec["router_options"] = dict(spec["router_options"] or {})
+    defaults = defaults or {}
+    spec = {**SPEC_DEFAULTS, **defaults, **value}
+    spec["router_options"] = placement_router_options(value, defaults.get("router"), defaults.get("router_options"))
     spec["layers"] = resolve_layers(spec["layers"], num_layers, placement)  # the projector: [0] only
     return spec
 

@@ -313,13 +313,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"max_steps must be -1 (whole epochs) or > 0, got {cfg.max_steps!r}")
     if cfg.top_k > cfg.num_experts:
         raise ValueError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
-    from ..moe import check_router_options, resolve_router_name
+    from ..model.placement import placement_router_options
+    from ..moe import check_router_options
 
     check_router_options(cfg.router, cfg.router_options)  # an unknown router lists the known ones
     llm = cfg.moe_llm_layers if isinstance(cfg.moe_llm_layers, dict) else {}
-    if "router" in llm or "router_options" in llm:  # the llm placement's own (normalize_placement's rule)
-        router = llm.get("router", cfg.router)
-        same = resolve_router_name(router) == resolve_router_name(cfg.router)
-        own = llm.get("router_options", cfg.router_options if same else {})
-        check_router_options(router, own or {}, where="moe_llm_layers router_options")
+    if "router" in llm or "router_options" in llm:  # the llm placement's own router or options
+        check_router_options(llm.get("router", cfg.router), placement_router_options(llm, cfg.router, cfg.router_options),
+                             where="moe_llm_layers router_options")
     cfg.gradient_accumulation_steps(cfg.num_procs)
