@@ -2,8 +2,9 @@
 
 HF Trainer writes ``checkpoint-N/`` in several steps (weights, optimizer, RNG, trainer
 state). We write ``checkpoint-N/COMPLETE`` (atomically, by rename) only after every
-rank has finished and its files are synced to disk, remove a stale marker before a save begins, resume only from a
-marked checkpoint, and rotate old checkpoints only after the new one is complete.
+rank has finished and its files are synced to disk, remove a stale marker before a save
+begins, resume only from a marked checkpoint, and rotate old checkpoints only after the new
+one is complete.
 """
 
 from __future__ import annotations
