@@ -172,10 +172,15 @@ def test_xmoe_low_dim_cosine_over_temperature():
     assert_routes(r(x), chosen, weights, probs, logits, {"balance": balance(probs, chosen, E), "z": z_loss(logits)})
 
 
-@pytest.mark.parametrize("name, shared_gate", [("shared", "half"), ("shared_sigmoid", "half"), ("shared", "sigmoid")])
-def test_shared_expert_routers(name, shared_gate):
-    """half (LibMoE): 0.5 shared + 0.5 routed; sigmoid (Qwen2-MoE): sigmoid(g.x) shared + routed."""
-    r, x, k = make(name, 3, shared_gate=shared_gate), tokens(), 3
+@pytest.mark.parametrize("name, shared_gate, normalize", [("shared", "half", True), ("shared_sigmoid", "half", True),
+                                                      ("shared", "sigmoid", True), ("shared", "half", False),
+                                                      ("shared_sigmoid", "half", False)])
+def test_shared_expert_routers(name, shared_gate, normalize):
+    """half (LibMoE): 0.5 shared + 0.5 routed; sigmoid (Qwen2-MoE): sigmoid(g.x) shared + routed.
+    ``normalize=False``: the routed experts' own scores, not renormalised over the chosen (was
+    ignored by shared_sigmoid)."""
+    r, x, k = make(name, 3, shared_gate=shared_gate, normalize=normalize), tokens(), 3
+    assert r.preserves_dense_output == (shared_gate == "half" and normalize)
     randomise_(r.gate.weight, std=0.5)
     bias = None
     if name == "shared_sigmoid":
@@ -189,7 +194,10 @@ def test_shared_expert_routers(name, shared_gate):
         scores = [[sigmoid(v) for v in row] for row in routed_logits]
         routed_probs = [[v / sum(s) for v in s] for s in scores]
     chosen = [top(s, k - 1) for s in scores]
-    renormalised = [[s[i] / sum(s[j] for j in c) for i in c] for s, c in zip(scores, chosen)]
+    if normalize:
+        renormalised = [[s[i] / sum(s[j] for j in c) for i in c] for s, c in zip(scores, chosen)]
+    else:
+        renormalised = [[s[i] for i in c] for s, c in zip(scores, chosen)]
     if shared_gate == "half":
         weights = [[0.5 * w for w in ws] + [0.5] for ws in renormalised]
         probs = [[0.5 * v for v in p] + [0.5] for p in routed_probs]

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -76,6 +77,11 @@ def test_register_a_new_router():
         assert (layer.last_routing.experts == 0).all()
         with pytest.raises(ValueError, match="already registered"):
             register_router("test_first_expert_only")(type("Other", (Router,), {}))
+        # the same class again may not take another router's name or alias either
+        with pytest.raises(ValueError, match=r"\['hyperrouter'\] already registered \(by \{'hyperrouter': 'hyper'\}\)"):
+            register_router("test_first_expert_only", aliases=("hyperrouter",))(FirstExpert)
+        assert resolve_router_name("hyperrouter") == "hyper"
+        register_router("test_first_expert_only")(FirstExpert)  # re-running the decorator is fine
         with pytest.raises(TypeError):
             register_router("not_a_router")(object)
     finally:
@@ -148,13 +154,53 @@ def test_an_aux_term_without_a_coefficient_is_an_error():
 
 
 def test_router_option_values_are_checked():
-    with pytest.raises(ValueError, match="null_coef must be >= 0"):
+    with pytest.raises(ValueError, match="null_coef must be a finite number >= 0"):
         make_router("tcmoe", null_coef=-1)
-    with pytest.raises(ValueError, match="bias_update_rate must be >= 0"):
+    with pytest.raises(ValueError, match="bias_update_rate must be a finite number >= 0"):
         make_router("auxfree", bias_update_rate=-1e-3)
     with pytest.raises(ValueError, match="routing_dim must be a positive integer, got 0"):
         make_router("xmoe", routing_dim=0)
     assert make_router("xmoe", e=8).proj.out_features == 4  # None: E / 2
+    # each of these was accepted (NaN/inf outputs, or an option silently on) or a bare TypeError
+    for name, options, needle in [
+        ("xmoe", {"temperature": float("nan")}, "xmoe temperature must be a finite number > 0, got nan"),
+        ("xmoe", {"temperature": 0}, "xmoe temperature must be a finite number > 0, got 0.0"),
+        ("xmoe", {"temperature": "a"}, "xmoe temperature must be a number, got 'a' \\(str\\)"),
+        ("smoe", {"balance_coef": float("inf")}, "balance_coef must be a finite number >= 0, got inf"),
+        ("moepp", {"copy_expert": "no"}, "copy_expert must be true or false, got 'no'"),
+        ("smoe", {"normalize": 0}, "normalize must be true or false"),
+        ("hyper", {"k_min": 1.5}, "k_min must be a positive integer, got 1.5 \\(float\\)"),
+        ("hyper", {"k_max": 2.0}, "k_max must be a positive integer, got 2.0"),
+        ("smoe", {"init_std": -1}, "init_std must be a finite number > 0"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            make_router(name, **options)
+    numpy_sizes = get_router_class("smoe")(np.int64(16), np.int64(4), np.int64(2))  # numpy integers are integers
+    assert (numpy_sizes.hidden_size, numpy_sizes.num_experts, numpy_sizes.top_k) == (16, 4, 2)
+    assert type(numpy_sizes.top_k) is int
+
+
+def test_upcycling_option_values_are_checked():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+    for options, needle in [({"noise": float("nan")}, "noise must be a finite number >= 0, got nan"),
+                            ({"noise": -1}, "noise must be a finite number >= 0, got -1.0"),
+                            ({"capacity_factor": "a"}, "capacity_factor .* must be a number, got 'a'"),
+                            ({"capacity_factor": 0}, "capacity_factor .* must be a finite number > 0")]:
+        with pytest.raises(ValueError, match=needle):
+            build_moe(mlp, "smoe", 4, 2, **options)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "auxfree", "shared_sigmoid"])
+def test_sigmoid_probs_stay_finite_when_every_score_underflows(name):
+    router = make_router(name)
+    with torch.no_grad():
+        for p in router.parameters():
+            p.zero_()
+        router.gate.weight.fill_(-120.0 / 16)  # every logit -120 on ones: sigmoid(-120) == 0 in fp32
+    out = router(torch.ones(5, 16))
+    assert (torch.sigmoid(out.logits) == 0).all()
+    assert torch.isfinite(out.probs).all() and torch.isfinite(out.weights).all(), name
+    assert all(torch.isfinite(term) for term in out.aux_terms.values()), out.aux_terms  # balance was NaN
 
 
 def test_default_coefficients_are_never_silently_zero():
@@ -168,7 +214,7 @@ def test_default_coefficients_are_never_silently_zero():
         make_router("smoe", balance_coef=-1)
     with pytest.raises(ValueError, match="z_coef"):
         make_router("smoe", z_coef="lots")
-    with pytest.raises(ValueError, match="balance_coef must be >= 0, got nan"):
+    with pytest.raises(ValueError, match="balance_coef must be a finite number >= 0, got nan"):
         make_router("smoe", balance_coef=float("nan"))
 
 

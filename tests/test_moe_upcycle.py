@@ -125,5 +125,22 @@ def test_noise_makes_experts_differ_and_dtype_follows_dense():
     unseeded = [build_moe(dense, num_experts=3, noise=0.01).experts.w_in for _ in range(2)]
     assert not torch.equal(unseeded[0], unseeded[1])  # seed=None: torch's global RNG, not one fixed stream
     half = build_moe(randomise(MLPS["phi3"]()).to(torch.bfloat16), num_experts=2)
-    assert half.experts.w_in.dtype == torch.bfloat16 and half.router.gate.weight.dtype == torch.float32
+    # one dtype with the dense MLP, routers too (a reload gives them the checkpoint's dtype; the
+    # router's math still runs in fp32)
+    assert half.experts.w_in.dtype == torch.bfloat16 and half.router.gate.weight.dtype == torch.bfloat16
     assert half(torch.randn(2, D, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["phi3", "siglip", "projector"])
+@pytest.mark.parametrize("router", PRESERVING)
+def test_upcycled_bf16_output_equals_dense_exactly(router, family):
+    """bf16 experts are copies, so each computes the dense output bit for bit; the combine runs in
+    fp32 so weights summing to 1 give it back exactly (a bf16 combine rounded w1*y + w2*y: up to
+    one bf16 step off in ~1/6 of the elements)."""
+    dense = randomise(MLPS[family]()).to(torch.bfloat16)
+    layer = build_moe(dense, router, num_experts=4, top_k=2, seed=11, impl="loop")
+    x = torch.randn(4, 32, D).to(torch.bfloat16)
+    with torch.no_grad():
+        out, expected = layer(x), dense(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected), f"{int((out != expected).sum())} of {out.numel()} elements differ"

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .experts import Experts
-from .router_base import Router
+from .router_base import Router, _check_number
 
 
 @dataclass
@@ -98,7 +98,10 @@ def dispatch(
     weights: torch.Tensor,  # [T, k]
     experts: Experts,
 ) -> torch.Tensor:  # [T, out]
-    """Sort token-slots by expert, run the experts as one grouped product, combine weighted."""
+    """Sort token-slots by expert, run the experts as one grouped product, combine weighted.
+
+    The combine (weighting and the sum over the k slots) runs in fp32 whatever the experts'
+    dtype, so right after upcycling a bf16 layer whose weights sum to 1 equals the dense MLP."""
     t, k = ffn_ids.shape
     e = experts.num_experts
     flat = ffn_ids.reshape(-1)  # [T*k]
@@ -111,14 +114,14 @@ def dispatch(
         inverse[order] = torch.arange(order.numel(), device=order.device)
         slot_weights = _PermuteRows.apply(weights.reshape(-1, 1), order, inverse)  # [T*k, 1] expert order
         rows = experts(_GatherTokenSlots.apply(x, order, inverse, k), counts[:e])  # [T*k, out]
-        rows = rows * slot_weights.to(rows.dtype)
+        rows = rows.float() * slot_weights  # fp32 weighting and sum: bf16 would round w1 + w2 off 1
         per_slot = _PermuteRows.apply(rows, inverse, order)  # [T*k, out] back in token order
     else:  # dropped or expert-less slots contribute zero
         order = order[:n_active]
         rows = experts(x[order // k], counts[:e])  # [S', out]
-        rows = rows * weights.reshape(-1)[order].unsqueeze(-1).to(rows.dtype)
+        rows = rows.float() * weights.reshape(-1)[order].unsqueeze(-1).float()
         per_slot = rows.new_zeros(t * k, rows.shape[-1]).index_copy(0, order, rows)
-    return per_slot.view(t, k, -1).sum(dim=1)
+    return per_slot.view(t, k, -1).sum(dim=1)  # fp32; the layer casts to the input's dtype once
 
 
 class MoELayer(nn.Module):
@@ -139,8 +142,8 @@ class MoELayer(nn.Module):
                 f"router '{router.name}' has constant/copy experts that output x itself, so it needs "
                 f"in_features == out_features; got {experts.in_features} -> {experts.out_features}"
             )
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
+        if capacity_factor is not None:
+            capacity_factor = _check_number("capacity_factor (None: no capacity limit)", capacity_factor, positive=True)
         self.router = router
         self.experts = experts
         self.capacity_factor = capacity_factor

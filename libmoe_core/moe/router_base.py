@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -75,8 +76,9 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool = True):
     return idx, weights, probs
 
 
-def sigmoid_topk(logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None):
-    """Sigmoid scores, top-k (of score + optional non-learned bias), weights s_i / sum of chosen s.
+def sigmoid_topk(logits: torch.Tensor, k: int, selection_bias: torch.Tensor | None = None, normalize: bool = True):
+    """Sigmoid scores, top-k (of score + optional non-learned bias), weights s_i / sum of chosen s
+    (``normalize=False``: s_i itself).
 
     ``probs`` is s normalised over all experts, so it is a distribution for analysis
     and the balance loss. Returns (experts [T, k], weights [T, k], probs [T, E]).
@@ -85,8 +87,8 @@ def sigmoid_topk(logits: torch.Tensor, k: int, selection_bias: torch.Tensor | No
     ranking = scores if selection_bias is None else scores + selection_bias
     idx = ranking.topk(k, dim=-1).indices
     chosen = scores.gather(-1, idx)
-    weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20)
-    probs = scores / scores.sum(-1, keepdim=True)
+    weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) if normalize else chosen
+    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)  # every score underflowed: 0, not NaN
     return idx, weights, probs
 
 
@@ -130,13 +132,10 @@ class Router(nn.Module):
         init_std: float = 0.02,
     ):
         super().__init__()
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_experts", num_experts)
-        _check_positive_int("top_k", top_k)
-        self.hidden_size = hidden_size
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.init_std = init_std
+        self.hidden_size = hidden_size = _check_positive_int("hidden_size", hidden_size)
+        self.num_experts = num_experts = _check_positive_int("num_experts", num_experts)
+        self.top_k = top_k = _check_positive_int("top_k", top_k)
+        self.init_std = _check_number("init_std", init_std, positive=True)
         self.seed = seed
         self.coefs = {
             "balance": _check_coef("balance_coef", self.default_balance_coef if balance_coef is None else balance_coef),
@@ -270,18 +269,30 @@ class Router(nn.Module):
         return f"name={self.name}, hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, {coefs}"
 
 
-def _check_positive_int(field_name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{field_name} must be a positive integer, got {value!r}")
+def _check_positive_int(field_name: str, value) -> int:
+    """``value`` as an int (any integral type: numpy's too), or an error naming ``field_name``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{field_name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _check_number(field_name: str, value, *, positive: bool = False) -> float:
+    """``value`` as a finite float >= 0 (``positive``: > 0), or an error naming ``field_name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{field_name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{field_name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    return value
 
 
 def _check_coef(field_name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{field_name} must be a number, got {value!r}") from None
-    if value < 0 or math.isnan(value):
-        raise ValueError(f"{field_name} must be >= 0, got {value!r}")
+    return _check_number(field_name, value)
+
+
+def _check_bool(field_name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{field_name} must be true or false, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -297,9 +308,13 @@ def register_router(name: str, *, aliases: tuple[str, ...] = ()):
     def wrap(cls: type[Router]) -> type[Router]:
         if not (isinstance(cls, type) and issubclass(cls, Router)):
             raise TypeError(f"@register_router('{name}') needs a Router subclass, got {cls!r}")
+        # A name or alias already taken is an error unless it already means this class (re-running
+        # the decorator, e.g. on a module reload).
         taken = [n for n in (name, *aliases) if n in ROUTERS or n in ROUTER_ALIASES]
-        if taken and ROUTERS.get(name) is not cls:
-            raise ValueError(f"router name(s) {taken} already registered")
+        clashes = [n for n in taken if ROUTERS.get(ROUTER_ALIASES.get(n, n)) is not cls]
+        if clashes:
+            owners = {n: ROUTER_ALIASES.get(n, n) for n in clashes}
+            raise ValueError(f"router name(s) {clashes} already registered (by {owners})")
         cls.name = name
         cls.aliases = tuple(aliases)
         ROUTERS[name] = cls

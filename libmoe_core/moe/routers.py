@@ -11,7 +11,9 @@ from torch import nn
 
 from .router_base import (
     Router,
+    _check_bool,
     _check_coef,
+    _check_number,
     _check_positive_int,
     balance_loss,
     fp32_math,
@@ -31,7 +33,7 @@ class SMoERouter(Router):
 
     def __init__(self, hidden_size, num_experts, top_k, *, normalize: bool = True, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)
-        self.normalize = normalize
+        self.normalize = _check_bool("normalize", normalize)
         self.gate = self.make_gate(num_experts)
 
     @property
@@ -111,7 +113,8 @@ class HyperRouter(Router):
 
     def __init__(self, hidden_size, num_experts, top_k, *, k_min: int = 1, k_max: int | None = None, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)
-        k_max = top_k if k_max is None else k_max
+        k_min = _check_positive_int("k_min", k_min)
+        k_max = top_k if k_max is None else _check_positive_int("k_max", k_max)
         if not (1 <= k_min <= k_max <= num_experts):
             raise ValueError(f"hyper router needs 1 <= k_min <= k_max <= num_experts, got k_min={k_min}, k_max={k_max}, num_experts={num_experts}")
         self.k_min, self.k_max = k_min, k_max
@@ -165,10 +168,8 @@ class XMoERouter(Router):
         super().__init__(hidden_size, num_experts, top_k, **kw)
         if routing_dim is None:
             routing_dim = max(num_experts // 2, 1)
-        _check_positive_int("routing_dim", routing_dim)
-        if temperature <= 0:
-            raise ValueError(f"xmoe temperature must be > 0, got {temperature}")
-        self.temperature = temperature
+        routing_dim = _check_positive_int("routing_dim", routing_dim)
+        self.temperature = _check_number("xmoe temperature", temperature, positive=True)
         self.proj = self.make_gate(routing_dim)
         self.expert_embeddings = nn.Parameter(torch.empty(num_experts, routing_dim))
         self.reset_normal(self.expert_embeddings)
@@ -195,7 +196,7 @@ class SharedExpertRouter(Router):
             raise ValueError(f"shared_gate must be 'half' or 'sigmoid', got {shared_gate!r}")
         super().__init__(hidden_size, num_experts, top_k, **kw)
         self.shared_gate_kind = shared_gate
-        self.normalize = normalize
+        self.normalize = _check_bool("normalize", normalize)
         self.gate = self.make_gate(num_experts - 1, bias=self.routed_bias)
         self.shared_gate = self.make_gate(1) if shared_gate == "sigmoid" else None
 
@@ -246,12 +247,13 @@ class SharedExpertRouter(Router):
 
 @register_router("shared_sigmoid", aliases=("smoe_sharev3",))
 class SharedSigmoidRouter(SharedExpertRouter):
-    """As ``shared``, with sigmoid scores for the routed experts (renormalised over the chosen)."""
+    """As ``shared``, with sigmoid scores for the routed experts (renormalised over the chosen;
+    ``normalize=False``: the scores themselves)."""
 
     routed_bias = True
 
     def routed_select(self, logits):
-        return sigmoid_topk(logits, self.current_k() - 1)
+        return sigmoid_topk(logits, self.current_k() - 1, normalize=self.normalize)
 
 
 @register_router("tcmoe", aliases=("smoe_tcmoe",))
@@ -262,6 +264,8 @@ class TCMoERouter(Router):
     slots' weights negated, null slots compute nothing. Extra term ``null``: -mean null
     probability (a reward for skipping), coefficient ``null_coef`` (1e-5).
     """
+
+    fp32_buffers = ("slot_sign",)  # multiplies fp32 weights; fp32 as a reload recomputes it
 
     def __init__(self, hidden_size, num_experts, top_k, *, null_coef: float = 1e-5, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)
@@ -318,7 +322,7 @@ class MoEPlusPlusRouter(Router):
     requires_square = True
 
     def __init__(self, hidden_size, num_experts, top_k, *, copy_expert: bool = False, **kw):
-        self.copy_expert = bool(copy_expert)
+        self.copy_expert = _check_bool("copy_expert", copy_expert)
         super().__init__(hidden_size, num_experts, top_k, **kw)
         self.gate = self.make_gate(self.num_slots)
         self.constant_gate = self.make_gate(2)

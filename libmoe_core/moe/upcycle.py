@@ -9,7 +9,7 @@ from torch import nn
 
 from .experts import Experts
 from .layer import MoELayer
-from .router_base import check_router_options, get_router_class
+from .router_base import _check_number, check_router_options, get_router_class
 
 
 @dataclass
@@ -110,6 +110,7 @@ def build_moe(
             "(zero.Init, active once TrainingArguments with a ZeRO-3 config exist); build or load the model "
             "before creating them, as runners/train.py does"
         )
+    noise = _check_number("noise", noise)
     dense = read_dense_mlp(dense_mlp)
     router_cls = get_router_class(router)
     check_router_options(router, router_options)
@@ -132,5 +133,5 @@ def build_moe(
             if noise > 0:
                 scale = noise * single.float().std(correction=0).item()  # (a 1-element bias: 0, not NaN)
                 stacked.add_(torch.randn(stacked.shape, generator=gen).to(stacked) * scale)
-    gate.to(device=ref.device)
+    gate.to(device=ref.device, dtype=ref.dtype)  # one dtype with the experts, as a reloaded model has (fp32_buffers stay fp32)
     return MoELayer(gate, experts, capacity_factor=capacity_factor)
