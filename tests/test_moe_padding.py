@@ -213,11 +213,18 @@ def test_auxfree_counts_each_token_once_under_gradient_checkpointing():
     assert counts[0] == counts[1] == [14 * 2] * len(counts[0])  # 5 + 9 real tokens, k = 2
 
 
-def test_reentrant_checkpointing_is_an_error_not_a_silent_loss_of_the_aux_gradient():
+@pytest.mark.parametrize("projector", [False, True])
+def test_reentrant_checkpointing_is_an_error_not_a_silent_loss_of_the_aux_gradient(projector):
+    """Also with a projector MoE, which is never checkpointed: its aux loss kept the total's
+    gradient, and the LLM routers' aux losses lost theirs silently."""
     ids, mask, _ = text_batch([5, 9], 9, "right")
-    model = build_model("tiny", moe_llm_layers="all").train()
+    model = build_model("tiny", moe_llm_layers="all", moe_projector=projector).train()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    with pytest.raises(RuntimeError, match="use_reentrant"):
-        model(input_ids=ids, attention_mask=mask, labels=ids)
+    pixels = torch.randn(2, 3, 64, 64)
+    image = model.config.image_token_id
+    ids = torch.cat([torch.full((2, model.num_image_tokens), image), ids], 1)  # one image per sample
+    mask = torch.cat([torch.ones(2, model.num_image_tokens, dtype=mask.dtype), mask], 1)
+    with pytest.raises(RuntimeError, match="the aux loss of the llm MoE layer 0 carries no gradient.*use_reentrant"):
+        model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids)
     with torch.no_grad():  # no gradient wanted: fine
-        assert model(input_ids=ids, attention_mask=mask, labels=ids).aux_loss is not None
+        assert model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids).aux_loss is not None

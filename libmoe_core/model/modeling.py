@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..tokens import IGNORE_INDEX
 from .config import PLACEMENTS, LibMoEVLMConfig
+from .attention import resolve_attn_implementation
 from .placement import apply_placement, freeze_fixed_router_parts, placed_moe_layers, restore_router_buffers
 from .projector import build_projector
 from .vision import VisionTower
@@ -86,6 +87,14 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
+    def set_output_embeddings(self, new_embeddings):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """The language model's input and output embeddings and its config's ``vocab_size``
+        (``config.text_config``), through its own resize."""
+        return self.language_model.resize_token_embeddings(*args, **kwargs)
+
     def get_decoder(self):
         return self.language_model.get_decoder()
 
@@ -109,8 +118,11 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
             path = os.path.expanduser(path)
         if strict:
             _check_checkpoint(path, kwargs)
+        # The attention kernel is not saved: the same policy as build_model (flash-attn > sdpa > eager).
+        kwargs["attn_implementation"] = resolve_attn_implementation(kwargs.get("attn_implementation"))
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        _copy_unaligned_tensors(model)
         restore_router_buffers(model)
         freeze_fixed_router_parts(model)  # loading made every parameter trainable
         mismatch = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -221,13 +233,8 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         )
         logits = out.logits  # [B, L', V]
         aux_loss, aux_losses, aux_terms = self.aux_losses(moe)
-        aux_lost_its_gradient = self.training and torch.is_grad_enabled() and aux_loss is not None and not aux_loss.requires_grad
-        if aux_lost_its_gradient and any(p.requires_grad for _, _, layer in moe for p in layer.router.parameters()):
-            raise RuntimeError(
-                "the MoE aux losses carry no gradient although the routers train: the layers ran without "
-                "grad, as reentrant gradient checkpointing does; use gradient_checkpointing_kwargs="
-                "{'use_reentrant': False}"
-            )
+        if self.training and torch.is_grad_enabled():
+            _check_aux_gradients(moe)
         lm_loss = loss = None
         if labels is not None:
             lm_loss = causal_lm_loss(logits, labels)
@@ -256,6 +263,38 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         total = torch.stack([v.float() for v in weighted.values()]).sum()
         terms = {k: torch.stack(v).float().mean() for k, v in sums.items()}
         return total, weighted, terms
+
+
+_ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
+
+
+def _copy_unaligned_tensors(model: nn.Module) -> None:
+    """Copy CPU parameters and buffers that start off a 64-byte boundary into fresh memory.
+
+    A safetensors load leaves CPU weights as views into the memory-mapped file at arbitrary
+    offsets; BLAS's one-row (GEMV) kernels then sum in another order, so a reloaded model's logits
+    for a one-token step (decoding) differed from the saved model's by ~4e-7, and the hyper
+    router's generated gate on every step. Copied, the reload computes what the saved model did."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % _ALIGNMENT:
+                tensor.data = tensor.data.clone()
+
+
+def _check_aux_gradients(moe) -> None:
+    """An error when an MoE layer whose router trains routed tokens without grad, so its aux loss
+    carries no gradient: reentrant gradient checkpointing runs the checkpointed layers that way
+    (checked per layer: a projector MoE outside the checkpointed LLM layers keeps the total's)."""
+    for placement, index, layer in moe:
+        routing = layer.last_routing
+        if routing is None or routing.aux_loss.requires_grad or not bool((routing.experts >= 0).any()):
+            continue  # not run, has its gradient, or routed no token (all padding)
+        if any(p.requires_grad for p in layer.router.parameters()):
+            raise RuntimeError(
+                f"the aux loss of the {placement} MoE layer {index} carries no gradient although its router "
+                "trains: the layer ran without grad, as reentrant gradient checkpointing does; use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
 
 
 def _token_mask_contexts(model, user_context_fn=None):

@@ -224,13 +224,28 @@ def build_model(
         model.generation_config.eos_token_id = eos_ids(tokenizer)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if dtype is not None and not hub:
-        model.to(dtype)
+        _cast_like_from_pretrained(model, dtype)
     upcycle(
         model, moe_vision=moe_vision, moe_projector=moe_projector, moe_llm_layers=moe_llm_layers,
         router=router, num_experts=num_experts, top_k=top_k, balance_coef=balance_coef, z_coef=z_coef,
         capacity_factor=capacity_factor, router_options=router_options or {}, seed=seed, noise=noise,
     )
     return model
+
+
+def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype)``, except that floating buffers that are not saved (RoPE's ``inv_freq``)
+    keep their dtype, as ``from_pretrained(..., dtype=...)`` leaves them: a bf16 build then gives
+    the logits its saved and reloaded copy does (a bf16 ``inv_freq`` moved them by up to 8e-3)."""
+    computed = {}
+    for module in model.modules():
+        for name in module._non_persistent_buffers_set:
+            buffer = module._buffers.get(name)
+            if buffer is not None and buffer.is_floating_point():
+                computed[(module, name)] = buffer
+    model.to(dtype)
+    for (module, name), buffer in computed.items():
+        module._buffers[name] = buffer
 
 
 def _tokenizer_image_token_id(tokenizer, requested: int | None) -> int:
