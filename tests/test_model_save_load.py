@@ -63,7 +63,7 @@ def test_bf16_build_equals_its_reload(tmp_path, router):
 
 
 def test_from_pretrained_chooses_attention_as_build_model_does(tmp_path, monkeypatch):
-    import libmoe_core.model.modeling as modeling
+    from libmoe_core.model import modeling
 
     build_model("tiny").save_pretrained(tmp_path)  # the kernel is not saved
     assert LibMoEVLMForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"  # CPU: sdpa

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..tokens import IGNORE_INDEX
-from .config import PLACEMENTS, LibMoEVLMConfig
 from .attention import resolve_attn_implementation
+from .config import PLACEMENTS, LibMoEVLMConfig
 from .placement import apply_placement, freeze_fixed_router_parts, placed_moe_layers, restore_router_buffers
 from .projector import build_projector
 from .vision import VisionTower

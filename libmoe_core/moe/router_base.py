@@ -279,7 +279,7 @@ def _check_positive_int(field_name: str, value) -> int:
 def _check_number(field_name: str, value, *, positive: bool = False) -> float:
     """``value`` as a finite float >= 0 (``positive``: > 0), or an error naming ``field_name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{field_name} must be a number, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{field_name} must be a number, got {value!r} ({type(value).__name__})")  # noqa: TRY004 (config errors are ValueErrors throughout)
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         raise ValueError(f"{field_name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
@@ -292,7 +292,7 @@ def _check_coef(field_name: str, value) -> float:
 
 def _check_bool(field_name: str, value) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{field_name} must be true or false, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{field_name} must be true or false, got {value!r} ({type(value).__name__})")  # noqa: TRY004
     return value
 
 
