@@ -278,3 +278,29 @@ def test_skip_limit_counts_unparsable_lines_and_is_checked(folder):
     assert len(LLaVADataset.from_files(exact, folder / "img", policy="skip", max_skipped_fraction=0.29)) == 71
     with pytest.raises(ValueError, match=r"max_skipped_fraction must be in \[0, 1\], got 1.5"):
         LLaVADataset.from_files(path, folder / "img", policy="skip", max_skipped_fraction=1.5)
+
+
+@pytest.mark.parametrize("content, suffix", [("[]", ".json"), ("\n  \n", ".jsonl"), ("", ".jsonl")])
+def test_an_annotation_file_without_records_is_an_error_under_every_policy(folder, content, suffix, capsys):
+    """It trained a model on 0 samples and reported success; ``data check`` said "no problems"."""
+    empty = folder / f"empty{suffix}"
+    empty.write_text(content)
+    good = write_json(folder / "good.json", GOOD)
+    for policy in ("error", "skip"):
+        with pytest.raises(DataValidationError, match=f"(?s)as a whole.*{empty}: no records: the file is empty"):
+            LLaVADataset.from_files([good, empty], folder / "img", policy=policy)
+    assert main(["data", "check", str(empty)]) == 1
+    assert "no records" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", ["[" + json.dumps(GOOD[1]) + ", " + json.dumps(GOOD[1])[:20],  # cut short
+                                     json.dumps({"data": [GOOD[1]]})])  # not a list
+def test_a_json_list_that_cannot_be_read_is_not_one_skippable_line(folder, content):
+    """The skip policy counted a truncated 20-record file as one unparsable line (1 of 21, under
+    the 10 % limit) and trained on the other file alone."""
+    good = folder / "good.jsonl"
+    good.write_text("\n".join(json.dumps(dict(GOOD[1], id=f"g{i}")) for i in range(20)) + "\n")
+    broken = folder / "broken.json"
+    broken.write_text(content)
+    with pytest.raises(DataValidationError, match=f"(?s)no data policy skips a whole file.*{broken}"):
+        LLaVADataset.from_files([good, broken], folder / "img", policy="skip", max_skipped_fraction=1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..tokens import IMAGE_PLACEHOLDER
@@ -26,6 +26,9 @@ class Problem:
     field: str | None = None
     line: int | None = None  # 1-based line in a JSONL file
     index: int | None = None  # JSON list: position in the list; JSONL: line - 1
+    #: The whole file is unusable (missing, empty, or a JSON list that does not parse): no policy
+    #: can skip it as a few bad records.
+    whole_file: bool = False
 
     def __str__(self) -> str:
         where = self.file + (f":{self.line}" if self.line is not None else "")
@@ -79,12 +82,21 @@ def read_records(path: str | Path) -> LoadResult:
     """Parse a ``.json`` (list) or ``.jsonl`` file; malformed lines become problems, not exceptions.
 
     A UTF-8 byte-order mark is ignored. A file of another suffix is a JSON list when it starts
-    with ``[``, else JSONL. Lines end at ``\n`` only (JSON allows U+2028 inside strings)."""
-    path = Path(path)
+    with ``[``, else JSONL. Lines end at ``\n`` only (JSON allows U+2028 inside strings). A file
+    that is missing, holds no record, or is a JSON list that cannot be read is one problem with
+    ``whole_file`` set."""
+    result = _read_records(Path(path))
+    if not result.records and not result.problems:
+        result.problems.append(Problem(str(path), "no records: the file is empty (an empty JSON list, "
+                                       "or no non-blank lines)", whole_file=True))
+    return result
+
+
+def _read_records(path: Path) -> LoadResult:
     result = LoadResult()
     name = str(path)
     if not path.is_file():
-        result.problems.append(Problem(name, "file not found"))
+        result.problems.append(Problem(name, "file not found", whole_file=True))
         return result
     raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     as_list = path.suffix == ".json" or (path.suffix != ".jsonl" and raw.lstrip().startswith(b"["))
@@ -103,16 +115,19 @@ def read_records(path: str | Path) -> LoadResult:
             _add(result, obj, name, lineno - 1, lineno)
         return result
     text = _utf8(raw, name, result, None)
-    if text is None:
+    if text is None:  # a JSON list is read whole or not at all
+        result.problems[-1] = replace(result.problems[-1], whole_file=True)
         return result
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         hint = " (one record per line? name the file .jsonl)" if e.msg == "Extra data" else ""
-        result.problems.append(Problem(name, f"malformed JSON: {e.msg} (column {e.colno}){hint}", line=e.lineno))
+        result.problems.append(Problem(name, f"malformed JSON: {e.msg} (column {e.colno}){hint}; none of the "
+                                       "file's records can be read", line=e.lineno, whole_file=True))
         return result
     if not isinstance(items, list):
-        result.problems.append(Problem(name, f"expected a JSON list of records, got {type(items).__name__}"))
+        result.problems.append(Problem(name, f"expected a JSON list of records, got {type(items).__name__}",
+                                       whole_file=True))
         return result
     for i, obj in enumerate(items):
         _add(result, obj, name, i, None)

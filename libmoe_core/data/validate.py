@@ -183,6 +183,10 @@ def apply_policy(loaded: LoadResult, report: Report, policy: str = "error",
         raise ValueError(f"max_skipped_fraction must be in [0, 1], got {max_skipped_fraction!r}")
     if report.ok:
         return list(loaded.records)
+    unreadable = [p for p in report.problems if p.whole_file]
+    if unreadable:  # under every policy: skipping drops bad records, not whole files
+        head = f"cannot use {len(unreadable)} annotation file(s) as a whole (no data policy skips a whole file):"
+        raise DataValidationError("\n".join([head, *(f"  {p}" for p in unreadable)]))
     if policy == "error":
         raise DataValidationError(report.format(limit=50) + "\n(use policy 'skip' to drop these records)")
     bad = report.bad_keys
