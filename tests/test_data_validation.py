@@ -304,3 +304,27 @@ def test_a_json_list_that_cannot_be_read_is_not_one_skippable_line(folder, conte
     broken.write_text(content)
     with pytest.raises(DataValidationError, match=f"(?s)no data policy skips a whole file.*{broken}"):
         LLaVADataset.from_files([good, broken], folder / "img", policy="skip", max_skipped_fraction=1.0)
+
+
+def test_wide_integer_and_float_images_are_scaled_or_refused(folder):
+    """Mode I (a 16-bit PGM) turned 99.6 % white and mode F (a float TIFF in 0..1) 99.9 % black,
+    and passed every check."""
+    import numpy as np
+
+    from libmoe_core.images import ImageModeError, to_rgb
+
+    img = folder / "img"
+    ramp16 = (np.arange(256) * 257).astype(">u2").reshape(1, 256)
+    (img / "g16.pgm").write_bytes(b"P5\n256 1\n65535\n" + ramp16.tobytes())
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(1, 256)).save(img / "f01.tiff")
+    for name in ("g16.pgm", "f01.tiff"):
+        with Image.open(img / name) as im:
+            assert im.mode in ("I", "F")
+            gray = np.asarray(to_rgb(im))[0, :, 0].astype(int)
+        assert np.abs(gray - np.arange(256)).max() <= 1, name
+    Image.fromarray(np.full((4, 4), 3.5, dtype=np.float32)).save(img / "depth.tiff")  # range unknown
+    with Image.open(img / "depth.tiff") as im, pytest.raises(ImageModeError, match=r"mode F\) with values 3.5..3.5"):
+        to_rgb(im)
+    records = [{"id": n, "image": n, "conversations": conv()} for n in ("g16.pgm", "f01.tiff", "depth.tiff")]
+    _, report = check_file(write_json(folder / "modes.json", records), img, decode=True)
+    assert [(p.record_id, "values 3.5..3.5" in p.message) for p in report.problems] == [("depth.tiff", True)]

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..images import to_rgb
 from ..tokens import IMAGE_PLACEHOLDER, expanded_length
 from .records import LoadResult, Problem, Record, count_placeholders, read_records
 from .templates import get_template, normalize_turns
@@ -69,7 +70,7 @@ def image_problem(path: Path, decode: bool = False) -> str | None:
     try:
         with Image.open(path) as im:
             if decode:
-                im.load()
+                to_rgb(im)  # every pixel, and a mode whose range is unknown
             else:
                 im.verify()
     except Exception as e:  # noqa: BLE001 (PIL raises many types for bad files)
