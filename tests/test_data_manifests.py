@@ -212,3 +212,91 @@ def test_verify_counts_the_records_of_a_missing_image(fake):
     text = "\n".join(verify_manifest(load_manifest(path), root).problems)
     assert "ann.json 3 records ('r0' (#0), 'r1' (#1), 'r2' (#2)): image not found: a/gone.png" in text
     assert text.count("image not found") == 1
+
+
+# -- the manifest's structure is checked on load: a misspelt key or a mistyped count is an error naming
+# the manifest file, the entry and the key (`annotation:` verified no annotation file and printed OK;
+# `path:` for `file:` was a KeyError traceback; `records: "3"` gave "3 records, expected 3").
+
+
+def test_every_shipped_manifest_loads():
+    """The schema is derived from these: each must pass it (a guard against a check too strict)."""
+    for name in list_manifests():
+        assert load_manifest(name).name == name
+
+
+def _manifest_file(tmp_path, text):
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("name: mine\nannotation:\n  - file: ann.json\n    records: 3\n",
+     ["unknown key 'annotation' (did you mean 'annotations'?)", "known keys: name, title,", "annotations, layout"]),
+    ("name: mine\nimage_dir: imgs\n", ["unknown key 'image_dir' (did you mean 'image_folder'?)"]),
+    ("name: mine\nannotations:\n  - path: ann.json\n",
+     ["annotations[0]: unknown key 'path'; known keys: file, records", "annotations[0]: missing required key 'file'"]),
+    ("name: mine\nlayout:\n  - dir: imgs\n",
+     ["layout[0]: unknown key 'dir'; known keys: path, kind, files, min_files", "layout[0]: missing required key 'path'"]),
+    ("name: mine\nannotations:\n  - file: a.json\n  - file: ann.json\n    records: \"3\"\n",
+     ["annotations[1] (file 'ann.json'): 'records' must be an integer >= 0 or null, got '3' (a string)"]),
+    ("name: mine\nannotations:\n  - file: ann.json\n    records: true\n", ["'records' must be an integer", "True (a boolean)"]),
+    ("name: mine\nlayout:\n  - path: imgs\n    files: \"1\"\n",
+     ["layout[0] (path 'imgs'): 'files' must be an integer >= 0, got '1' (a string)"]),
+    ("name: mine\nlayout:\n  - path: imgs\n    min_files: -1\n", ["layout[0] (path 'imgs'): 'min_files' must be an integer >= 0"]),
+    ("name: mine\nlayout:\n  - path: imgs\n    kind: folder\n", ["'kind' must be one of 'dir', 'file', got 'folder'"]),
+    ("name: mine\nlayout:\n  - path: a.json\n    kind: file\n    files: 1\n", ["layout[0] (path 'a.json'): 'files'/'min_files'"]),
+    ("name: mine\nannotations: ann.json\n", ["'annotations' must be a list of mappings, got 'ann.json' (a string)"]),
+    ("name: mine\nannotations:\n  - ann.json\n", ["annotations[0]: must be a mapping with 'file', got 'ann.json'"]),
+    ("name: mine\nannotations:\n  - file: 3\n", ["annotations[0]: 'file' must be a non-empty string, got 3 (an integer)"]),
+    ("name: 2017\n", ["'name' must be a non-empty string, got 2017 (an integer)"]),
+    ("name: mine\nrequires: coco-train2017\n", ["'requires' must be a list of non-empty strings"]),
+    ("name: mine\nbuilder: easy-vqa\n", ["'builder' must be one of 'easyvqa'"]),
+    ("name: mine\ndownloads:\n  - repo: me/data\n    filename: a.json\n",
+     ["downloads[0]: unknown key 'repo' (did you mean 'repo_id'?)", "give exactly one source key (repo_id, url or manual), got none"]),
+    ("name: mine\ndownloads:\n  - repo_id: me/data\n", ["downloads[0] (repo_id 'me/data'): give exactly one of 'filename' or 'allow_patterns'"]),
+    ("name: mine\ndownloads:\n  - url: http://x/a.zip\n    filename: a.zip\n",
+     ["downloads[0] (url 'http://x/a.zip'): unknown key 'filename'; known keys: url, target_dir, unpack_to"]),
+])
+def test_manifest_structure_errors_name_the_file_the_entry_and_the_key(tmp_path, text, needles):
+    from libmoe_core.data.manifests import ManifestError
+
+    path = _manifest_file(tmp_path, text)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(path)
+    msg = str(e.value)
+    assert msg.startswith(str(path))
+    for needle in needles:
+        assert needle in msg, msg
+
+
+def test_manifest_nulls_the_code_accepts_still_load(tmp_path):
+    m = load_manifest(_manifest_file(tmp_path, "name: mine\nannotations:\n  - file: a.json\n    records: null\n"
+                                               "downloads:\nlayout:\n  - path: imgs\n    min_files: 0\n"))
+    assert m.annotations == [{"file": "a.json", "records": None}] and m.downloads == []
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("name: mine\nimage_folder: imgs\nannotation:\n  - file: ann.json\n    records: 3\nlayout:\n  - path: imgs\n",
+     "unknown key 'annotation'"),
+    ("name: mine\nimage_folder: imgs\nannotations:\n  - path: ann.json\n", "annotations[0]: unknown key 'path'"),
+    ("name: mine\nimage_folder: imgs\nlayout:\n  - dir: imgs\n", "layout[0]: unknown key 'dir'"),
+    ("name: mine\nimage_folder: imgs\nannotations:\n  - file: ann.json\n    records: \"3\"\n",
+     "'records' must be an integer >= 0 or null, got '3' (a string)"),
+])
+def test_data_verify_refuses_a_misspelt_manifest_without_a_traceback(fake, capsys, text, needle):
+    root, _ = fake
+    path = _manifest_file(root.parent, text)
+    assert main(["data", "verify", "--manifest", str(path), "--root", str(root)]) == 1
+    out, err = capsys.readouterr()
+    assert "OK" not in out and "Traceback" not in err
+    assert err.startswith(f"error: {path}: ") and needle in err, err
+
+
+def test_training_refuses_a_misspelt_manifest(tmp_path):
+    from libmoe_core.train.config import resolve_config
+
+    path = _manifest_file(tmp_path, "name: mine\nannotations:\n  - path: ann.json\n")
+    with pytest.raises(ValueError, match="(?s)dataset: .*mine.yaml: .*annotations\\[0\\]: unknown key 'path'"):
+        resolve_config("sft", overrides={"dataset": str(path), "data_root": str(tmp_path)})

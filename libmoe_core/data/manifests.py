@@ -9,6 +9,7 @@ relative to a data root chosen by the user. ``verify`` checks a local copy;
 
 from __future__ import annotations
 
+import difflib
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ MANIFEST_DIR = Path(__file__).resolve().parents[2] / "data_manifests"
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be found or parsed."""
+    """A manifest that cannot be found or parsed, or whose structure is wrong (:func:`manifest_problems`)."""
 
 
 class PrepareError(RuntimeError):
@@ -77,7 +78,132 @@ def load_manifest(name_or_path: str | Path, directory: Path = MANIFEST_DIR) -> M
         raise ManifestError(f"{path}: invalid YAML: {e}") from e
     if not isinstance(data, dict) or "name" not in data:
         raise ManifestError(f"{path}: a manifest is a mapping with at least 'name'")
-    return Manifest(str(data["name"]), path, data)
+    problems = manifest_problems(data)
+    if len(problems) == 1:
+        raise ManifestError(f"{path}: {problems[0]}")
+    if problems:
+        raise ManifestError(f"{path}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+    return Manifest(data["name"], path, data)
+
+
+# -- schema ------------------------------------------------------------------------
+# Every key the code reads, with its check; anything else is refused (a misspelt key would otherwise
+# be ignored: `annotation:` verified no annotation file and printed OK). A check returns what is
+# wrong with a value, or None.
+
+
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+          dict: "a mapping", type(None): "null"}
+
+
+def _what(value) -> str:
+    """``'3' (a string)``: the value and its YAML kind, for a message."""
+    return f"{value!r} ({_KINDS.get(type(value), type(value).__name__)})"
+
+
+def _text(value):
+    return None if isinstance(value, str) and value.strip() else f"must be a non-empty string, got {_what(value)}"
+
+
+def _count(value):
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else f"must be an integer >= 0, got {_what(value)}"
+
+
+def _count_or_null(value):  # null: no expected count (not published)
+    return None if value is None or _count(value) is None else f"must be an integer >= 0 or null, got {_what(value)}"
+
+
+def _texts(value):
+    if isinstance(value, list) and all(_text(v) is None for v in value):
+        return None
+    return f"must be a list of non-empty strings, got {_what(value)}"
+
+
+def _text_or_texts(value):
+    ok = _text(value) is None or (isinstance(value, list) and value and _texts(value) is None)
+    return None if ok else f"must be a non-empty string or a non-empty list of strings, got {_what(value)}"
+
+
+def _one_of(*choices):
+    def check(value):
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}, got {_what(value)}"
+    return check
+
+
+def _entries(value):  # null is an empty list, as the properties read it
+    return None if value is None or isinstance(value, list) else f"must be a list of mappings, got {_what(value)}"
+
+
+TOP_KEYS = {
+    "name": _text, "title": _text, "stage": _text, "template": _text, "homepage": _text, "notes": _text,
+    "builder": _one_of("easyvqa"), "requires": _texts, "image_folder": _text,
+    "downloads": _entries, "annotations": _entries, "layout": _entries,
+}
+ANNOTATION_KEYS = {"file": _text, "records": _count_or_null}
+LAYOUT_KEYS = {"path": _text, "kind": _one_of("dir", "file"), "files": _count, "min_files": _count}
+DOWNLOAD_KEYS = {  # by source: exactly one of repo_id, url, manual
+    "repo_id": {"repo_id": _text, "repo_type": _one_of("dataset", "model", "space"), "filename": _text,
+                "allow_patterns": _text_or_texts, "target_dir": _text, "unpack_to": _text},
+    "url": {"url": _text, "target_dir": _text, "unpack_to": _text},
+    "manual": {"manual": _text, "target_dir": _text, "unpack_to": _text},
+}
+
+
+def _unknown(key, known, where: str) -> str:
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{where}unknown key {key!r}{hint}; known keys: {', '.join(known)}"
+
+
+def _check_keys(entry: dict, spec: dict, where: str, required: tuple[str, ...] = ()) -> list[str]:
+    out = [_unknown(k, list(spec), where) for k in entry if k not in spec]
+    out += [f"{where}missing required key {k!r}" for k in required if k not in entry]
+    out += [f"{where}{k!r} {msg}" for k, check in spec.items() if k in entry and (msg := check(entry[k]))]
+    return out
+
+
+def _label(section: str, i: int, entry: dict, key: str | None) -> str:
+    """``annotations[0] (file 'a.json'): ``: the entry by index, and by the value naming it if any."""
+    named = entry.get(key) if key else None
+    return f"{section}[{i}]" + (f" ({key} {named!r})" if isinstance(named, str) else "") + ": "
+
+
+def manifest_problems(data: dict) -> list[str]:
+    """What is wrong with a manifest's structure (unknown or missing keys, mistyped values), one line
+    each naming the entry (``annotations[0] (file 'a.json')``) and the key; empty if nothing."""
+    problems = _check_keys(data, TOP_KEYS, "", ("name",))
+    for section, key, spec in (("annotations", "file", ANNOTATION_KEYS), ("layout", "path", LAYOUT_KEYS)):
+        entries = data.get(section)
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if not isinstance(entry, dict):
+                problems.append(f"{section}[{i}]: must be a mapping with {key!r}, got {_what(entry)}")
+                continue
+            where = _label(section, i, entry, key)
+            problems += _check_keys(entry, spec, where, (key,))
+            if section == "layout" and "files" in entry and "min_files" in entry:
+                problems.append(f"{where}give 'files' or 'min_files', not both")
+            if section == "layout" and entry.get("kind") == "file" and ({"files", "min_files"} & entry.keys()):
+                problems.append(f"{where}'files'/'min_files' count a folder's files; this entry is kind 'file'")
+    downloads = data.get("downloads")
+    for i, d in enumerate(downloads if isinstance(downloads, list) else []):
+        if not isinstance(d, dict):
+            problems.append(f"downloads[{i}]: must be a mapping with one of repo_id, url, manual, got {_what(d)}")
+            continue
+        sources = [s for s in DOWNLOAD_KEYS if s in d]
+        if len(sources) != 1:
+            known = list(dict.fromkeys(k for keys in DOWNLOAD_KEYS.values() for k in keys))
+            problems += [_unknown(k, known, f"downloads[{i}]: ") for k in d if k not in known]
+            problems.append(f"downloads[{i}]: give exactly one source key (repo_id, url or manual), got "
+                            f"{', '.join(sources) or 'none'}")
+            continue
+        where = _label("downloads", i, d, None if sources[0] == "manual" else sources[0])
+        problems += _check_keys(d, DOWNLOAD_KEYS[sources[0]], where)
+        if sources[0] == "repo_id" and ("filename" in d) == ("allow_patterns" in d):
+            problems.append(f"{where}give exactly one of 'filename' or 'allow_patterns'")
+        if "target_dir" in d and "unpack_to" in d:
+            problems.append(f"{where}give 'target_dir' (files kept) or 'unpack_to' (archives unzipped), not both")
+    return problems
 
 
 # -- verify ------------------------------------------------------------------------
