@@ -200,6 +200,31 @@ def test_generation_limit_is_the_tasks_own(checkpoint, tmp_path):
     traced.clean()
 
 
+def test_bad_batch_size_and_trace_selections_are_refused(checkpoint, tmp_path):
+    """batch_size "abc" ran at 1; a selection of no MoE layer ran to the end with no trace."""
+    for bad in ("abc", "0", -2, "auto"):
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad!r}"):
+            make(checkpoint, batch_size=bad)
+    record = dict(return_id_experts=True, trace_dir=str(tmp_path / "t"))
+    with pytest.raises(ValueError, match=r"layers_expert_selection \[99\] are no MoE layers .* its MoE layers: "
+                                         r"vision 0, vision 1, projector 0, llm 1, llm 3"):
+        make(checkpoint, layers_expert_selection="1;99", **record)
+    with pytest.raises(ValueError, match=r"layers_expert_selection \[3\] are no MoE layers .* \['vision'\]"):
+        make(checkpoint, layers_expert_selection="3", placements="vision", **record)
+    model = make(checkpoint, layers_expert_selection="3", placements="llm;projector", **record)  # llm 3 exists
+    model.clean()
+
+
+def test_a_named_placement_without_moe_layers_is_refused(tmp_path):
+    from libmoe_core.model.presets import build_model, build_processor
+
+    build_model("tiny", moe_llm_layers=[1]).save_pretrained(tmp_path / "ckpt")
+    build_processor("tiny").save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"placements \['projector'\] .* have no MoE layers; its MoE layers: llm 1"):
+        make(tmp_path / "ckpt", return_id_experts=True, trace_dir=str(tmp_path / "t"), placements="projector,llm")
+    make(tmp_path / "ckpt", return_id_experts=True, trace_dir=str(tmp_path / "t2"), placements="all").clean()
+
+
 def test_unknown_model_argument_and_template(checkpoint):
     with pytest.raises(ValueError, match="unknown model arguments"):
         make(checkpoint, temperature_boost=3)

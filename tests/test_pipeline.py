@@ -47,6 +47,12 @@ def test_plan_has_one_sft_and_eval_per_router(tmp_path):
         stage_config("pft", num_experts=8)  # papermill -p num_experts 8 on the pft notebook
     with pytest.raises(ValueError, match="max_steps must be -1"):  # a bad sft value, before pretrain trains
         plan_pipeline(runs_root=tmp_path, stage_parameters={"sft": {"max_steps": 0}})
+    for bad, needle in (({"limit": 0}, "eval-smoe: limit must be None or > 0"),  # lmms-eval failed after loading
+                        ({"limit": -3}, "got -3"), ({"batch_size": 0}, "eval-smoe: batch_size must be a positive")):
+        with pytest.raises(ValueError, match=needle):
+            plan_pipeline(routers=["smoe"], runs_root=tmp_path, stage_parameters={"eval": bad})
+    with pytest.raises(ValueError, match=r"router 'shared' \(num_experts=4, top_k=1\)"):  # failed in sft's launch
+        plan_pipeline(routers=["shared"], runs_root=tmp_path, stage_parameters={"sft": {"top_k": 1}})
     with pytest.raises(ValueError, match="unknown stage"):
         plan_pipeline(stages=["pretrain", "distill"], runs_root=tmp_path)
     with pytest.raises(ValueError, match="unknown router"):

@@ -66,17 +66,33 @@ def test_a_plugin_routers_own_options_are_accepted():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"router_options": {"temprature": 1.0}, "router": "xmoe"}, "^router_options: router 'xmoe' takes no option"),
+    ({"router_options": {"temprature": 1.0}, "router": "xmoe"}, "^router, router_options: router 'xmoe' takes no option"),
     ({"router_options": {"temperature": 1.0}, "router": "xmoe",
       "moe_llm_layers": {"layers": [1], "router": "smoe", "router_options": {"temperature": 1.0}}},
-     "^moe_llm_layers router_options: router 'smoe' takes no option"),
+     "^moe_llm_layers: router 'smoe' takes no option"),
+    # the router's own value checks, which failed only when the sft stage built the model
+    ({"router": "shared", "top_k": 1}, r"^router, router_options: router 'shared' \(num_experts=4, top_k=1\): .*top_k >= 2"),
+    ({"router": "xmoe", "router_options": {"temperature": -1.0}}, "xmoe temperature must be a finite number > 0"),
+    ({"router": "hyper", "router_options": {"k_min": 3, "k_max": 2}}, "needs 1 <= k_min <= k_max"),
+    ({"router": "shared", "router_options": {"shared_gate": "relu"}}, "shared_gate must be 'half' or 'sigmoid'"),
+    ({"router": "smoe", "moe_llm_layers": {"layers": [1], "router": "shared", "top_k": 1}},
+     r"^moe_llm_layers: router 'shared' \(num_experts=4, top_k=1\)"),
+    ({"seed": -1}, r"seed must be in \[0, 2\*\*32 - 1\], got -1"),
 ])
 def test_training_configs_are_checked_before_launch(overrides, message):
     with pytest.raises(ValueError, match=message):
         resolve_config("sft", overrides=overrides)
-    good = dict(overrides, moe_llm_layers={"layers": [1], "router": "smoe"})
+    good = dict(overrides, router="xmoe", moe_llm_layers={"layers": [1], "router": "smoe"}, top_k=2, seed=0)
     good["router_options"] = {"temperature": 1.0}
     assert resolve_config("sft", overrides=good).router_options == {"temperature": 1.0}
+
+
+def test_the_router_check_leaves_the_global_rng_alone():
+    import torch
+
+    state = torch.random.get_rng_state()
+    resolve_config("sft", overrides={"router": "hyper"})
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 def test_a_placement_naming_the_same_router_by_an_alias_keeps_the_options():

@@ -29,7 +29,7 @@ from loguru import logger as eval_logger
 from tqdm import tqdm
 
 from ..images import to_rgb
-from .model_args import parse_bool, parse_int_list, parse_placements
+from .model_args import check_trace_selection, parse_batch_size, parse_bool, parse_int_list, parse_placements
 from .traces import TraceWriter
 
 __all__ = ["LibMoE"]
@@ -106,7 +106,7 @@ class LibMoE(lmms):
             self.processor.template = str(conv_template)
             self.processor.get_template()  # unknown names fail here, listing the known ones
         self.stops = list(self.processor.get_template().stop_strings)
-        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
+        self.batch_size_per_gpu = parse_batch_size(batch_size)
         self.max_new_tokens = None if str(max_new_tokens).lower() in ("none", "") else int(max_new_tokens)
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"libmoe: max_new_tokens must be >= 1, got {max_new_tokens!r}")
@@ -124,6 +124,7 @@ class LibMoE(lmms):
                 raise ValueError("libmoe: return_id_experts=true needs trace_dir=<dir> (libmoe eval sets it)")
             if not self.model.config.moe:
                 raise ValueError(f"libmoe: return_id_experts=true but {pretrained} has no MoE layers")
+            check_trace_selection(self.model, placements, self.placements, self.layers, pretrained)
             self.writer = TraceWriter(trace_dir, overwrite=True, prefix=f"part-r{self.rank}")
 
     # ------------------------------------------------------------------ helpers

@@ -131,3 +131,30 @@ def parse_placements(value: Any) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"unknown placement(s) {bad}; choose from {', '.join(PLACEMENTS)}")
     return tuple(dict.fromkeys(items))
+
+
+def parse_batch_size(value: Any) -> int:
+    """A positive integer batch size (``"8"``, ``8``); anything else is an error naming it."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"libmoe: batch_size must be a positive integer, got {value!r}")
+    return int(text)
+
+
+def check_trace_selection(model, requested_placements: Any, placements: tuple[str, ...],
+                          layers: list[int] | None, name: str) -> None:
+    """An error when the routing to record selects nothing the model has: a placement asked for by
+    name without MoE layers, or a layer index that is no MoE layer of the chosen placements (the
+    run went through with an empty traces folder)."""
+    from ..model.placement import placed_moe_layers
+
+    placed = [(placement, index) for placement, index, _ in placed_moe_layers(model)]
+    have = ", ".join(f"{p} {i}" for p, i in placed)
+    if requested_placements is not None and placements != PLACEMENTS:  # named, not "all"
+        empty = [p for p in placements if all(pp != p for pp, _ in placed)]
+        if empty:
+            raise ValueError(f"libmoe: placements {empty} of {name} have no MoE layers; its MoE layers: {have}")
+    unknown = sorted({i for i in layers or () if i not in {index for p, index in placed if p in placements}})
+    if unknown:
+        raise ValueError(f"libmoe: layers_expert_selection {unknown} are no MoE layers of {name} in placements "
+                         f"{list(placements)}; its MoE layers: {have}")

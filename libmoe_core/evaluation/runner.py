@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import math
 import os
 import re
 import subprocess
@@ -55,6 +56,16 @@ class EvalRunError(RuntimeError):
     """lmms-eval failed or wrote no results; the message ends with the tail of its output."""
 
 
+def check_eval_options(batch_size, limit) -> None:
+    """``batch_size`` a positive integer, ``limit`` None or > 0 (below 1: a fraction of each task's
+    documents, as lmms-eval reads it); lmms-eval failed on them only after loading the model."""
+    if isinstance(batch_size, bool) or not str(batch_size).strip().isdigit() or int(str(batch_size)) < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not math.isfinite(limit) or limit <= 0):
+        raise ValueError(f"limit must be None or > 0 (documents per task; below 1: a fraction of them), got {limit!r}")
+
+
 @dataclass
 class EvalConfig:
     """One ``libmoe eval`` run. ``tasks`` are lmms-eval task names (aliases already expanded)."""
@@ -78,6 +89,7 @@ class EvalConfig:
         self.output_path = Path(self.output_path).resolve()
         if not self.tasks:
             raise ValueError("EvalConfig.tasks is empty")
+        check_eval_options(self.batch_size, self.limit)
 
     @property
     def trace_dir(self) -> Path:

@@ -398,11 +398,24 @@ def router_option_names(cls: type[Router]) -> list[str]:
     return sorted(names - set(_BUILD_ARGUMENTS))
 
 
-def check_router_options(name: str, options: dict, where: str = "router_options") -> None:
-    """An error naming ``where``, the router and its options when ``options`` has a key it does not take."""
+def check_router_options(name: str, options: dict, where: str = "router_options", *,
+                         num_experts: int | None = None, top_k: int | None = None, **coefs) -> None:
+    """An error naming ``where``, the router and its options when ``options`` has a key it does not take.
+
+    Given ``num_experts`` and ``top_k`` (and ``balance_coef`` / ``z_coef`` in ``coefs``), the router
+    is also built once, small and off the global RNG, so its own value checks (``top_k`` against a
+    shared expert, ``k_min <= k_max``, a positive temperature, ...) fail now, not when a training
+    stage builds the model."""
     cls = get_router_class(name)
     known = router_option_names(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{where}: router {name!r} takes no option(s) {unknown}; its options: {known} (a router "
                          f"that reads an option from **kwargs lists it in its extra_options)")
+    if num_experts is None or top_k is None:
+        return
+    with torch.random.fork_rng(devices=[]):
+        try:
+            cls(16, num_experts, top_k, seed=0, **{k: v for k, v in coefs.items() if v is not None}, **options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}: router {name!r} (num_experts={num_experts}, top_k={top_k}): {err}") from None

@@ -215,6 +215,14 @@ def plan_pipeline(
             step.config = stage_config(Path(notebook).stem, **given)
             if step.config.stage_dir.resolve() != folder.resolve():
                 raise ValueError(f"{name}: its config trains in {step.config.stage_dir}, not {folder}")
+        if notebook == "eval.ipynb":  # its run options, checked now, not after the training stages
+            from ..evaluation.runner import check_eval_options
+
+            given = {**_notebook_defaults(notebooks / notebook), **step.parameters}
+            try:
+                check_eval_options(given.get("batch_size", 1), given.get("limit"))
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from None
         plan.steps.append(step)
         return step
 

@@ -316,9 +316,15 @@ def validate(cfg: TrainConfig) -> None:
     from ..model.placement import placement_router_options
     from ..moe import check_router_options
 
-    check_router_options(cfg.router, cfg.router_options)  # an unknown router lists the known ones
+    # an unknown router lists the known ones; the router's own checks run on a small copy of it
+    check_router_options(cfg.router, cfg.router_options, "router, router_options", num_experts=cfg.num_experts, top_k=cfg.top_k,
+                         balance_coef=cfg.balance_coef, z_coef=cfg.z_coef)
     llm = cfg.moe_llm_layers if isinstance(cfg.moe_llm_layers, dict) else {}
-    if "router" in llm or "router_options" in llm:  # the llm placement's own router or options
+    if llm:  # the llm placement's own router, options or sizes
         check_router_options(llm.get("router", cfg.router), placement_router_options(llm, cfg.router, cfg.router_options),
-                             where="moe_llm_layers router_options")
+                             where="moe_llm_layers", num_experts=llm.get("num_experts", cfg.num_experts),
+                             top_k=llm.get("top_k", cfg.top_k), balance_coef=llm.get("balance_coef", cfg.balance_coef),
+                             z_coef=llm.get("z_coef", cfg.z_coef))
+    if not 0 <= cfg.seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32 - 1], got {cfg.seed!r}")
     cfg.gradient_accumulation_steps(cfg.num_procs)
