@@ -3,6 +3,8 @@
 Files are read one row group at a time. Strings that name groups (checkpoint,
 placement, task, token_kind) are read dictionary-encoded, so a batch carries small integer codes plus a tiny dictionary.
 List columns are turned into ``[n, width]`` numpy views without copying.
+Column types are checked against the schema from each file's footer, and NaN/inf router
+values (``probs``, ``weights``) are errors, so bad input never reaches the metrics.
 """
 
 from __future__ import annotations
@@ -42,10 +44,62 @@ def trace_files(path: str | os.PathLike) -> list[str]:
     return sorted(files)
 
 
-def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
-    """Check that every file of the trace has ``columns``; return the files.
+def _value_kind(t: pa.DataType) -> str | None:
+    """'integer', 'float' or 'string' for a scalar type (a dictionary counts as its values), else None."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    return None
 
-    Raises :class:`TraceError` naming the first file and column that is missing (the
+
+def _type_kind(t: pa.DataType) -> str | None:
+    """What a column type holds for the type check: e.g. 'integer' or 'list<float>' (any width,
+    list layout or dictionary encoding of the values); None for anything else."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        inner = _value_kind(t.value_type)
+        return None if inner is None or pa.types.is_dictionary(t.value_type) else f"list<{inner}>"
+    if pa.types.is_null(t):
+        return "null"
+    return _value_kind(t)
+
+
+#: Columns that may be null throughout (``probs``: router distribution not recorded).
+_NULLABLE = ("probs",)
+#: List columns of floats whose items must be finite (a missing distribution is a null list).
+_FINITE_COLUMNS = ("weights", "probs")
+
+
+def check_types(file: str, schema: pa.Schema) -> None:
+    """Check the types of the :data:`~.schema.TRACE_SCHEMA` columns in ``schema`` (of ``file``).
+
+    Any integer width, float width, string layout (plain, large, dictionary-encoded) or list
+    layout (list, large or fixed-size) is accepted; a ``probs`` column of type null (nothing
+    recorded) too. Raises :class:`TraceError` naming the file, the column, the expected and
+    the found type.
+    """
+    for name in schema.names:
+        if name not in TRACE_SCHEMA.names:
+            continue
+        expected = TRACE_SCHEMA.field(name).type
+        found = schema.field(name).type
+        want, got = _type_kind(expected), _type_kind(found)
+        if got == want or (got == "null" and name in _NULLABLE):
+            continue
+        raise TraceError(
+            f"trace file {file}: column {name} has type {found}, expected {want} (schema: {expected})"
+        )
+
+
+def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
+    """Check that every file of the trace has ``columns`` and that its trace columns have the
+    schema's types (:func:`check_types`); return the files.
+
+    Raises :class:`TraceError` naming the first file and column that is missing or mistyped (the
     :data:`~.schema.LEGACY_COLUMNS` may be missing: readers fill them in).
     Only Parquet footers are read.
     """
@@ -53,14 +107,51 @@ def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
     columns = list(columns)
     for f in files:
         try:
-            names = set(pq.read_schema(f).names)
+            schema = pq.read_schema(f)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
+        names = set(schema.names)
         missing = [c for c in columns if c not in names and c not in LEGACY_COLUMNS]
         if missing:
             expected = ", ".join(f"{fld.name}: {fld.type}" for fld in TRACE_SCHEMA if fld.name in missing)
             raise TraceError(f"trace file {f} lacks required column(s) {', '.join(missing)} (expected {expected})")
+        check_types(f, schema)
     return files
+
+
+def _nonfinite_items(array: pa.Array) -> int:
+    """How many items of a list<float> column are NaN, inf or null (null lists do not count)."""
+    if pa.types.is_null(array.type):
+        return 0
+    values = array.flatten()
+    if len(values) == 0:
+        return 0
+    finite = pc.sum(pc.is_finite(values)).as_py() or 0
+    return len(values) - finite
+
+
+def _nonfinite_error(file: str, name: str) -> TraceError:
+    """The error for a file whose ``name`` column holds non-finite items: how many rows (of the
+    whole file, reading only that column) and the first one."""
+    rows = first = total = 0
+    try:
+        with pq.ParquetFile(file) as pf:
+            for batch in pf.iter_batches(columns=[name]):
+                array = batch.column(0)
+                values = array.flatten()
+                bad = pc.invert(pc.fill_null(pc.is_finite(values), False))
+                parents = pc.filter(pc.list_parent_indices(array), bad)
+                if len(parents):
+                    first = first if rows else total + pc.min(parents).as_py()
+                    rows += pc.count_distinct(parents).as_py()
+                total += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        return TraceError(f"trace file {file}: column {name} has NaN, inf or null values ({exc})")
+    return TraceError(
+        f"trace file {file}: column {name} has NaN, inf or null values in {rows} of {total} row(s) "
+        f"(first at row {first}); a {name} value must be finite"
+        + (" (a distribution that was not recorded is a null list)" if name in _NULLABLE else "")
+    )
 
 
 def columns_to_read(columns: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -103,9 +194,13 @@ def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iter
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
         present = columns_to_read(columns, pf.schema_arrow.names)
+        finite = [c for c in _FINITE_COLUMNS if c in present]
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=True):
                 if batch.num_rows:
+                    for c in finite:
+                        if _nonfinite_items(batch.column(c)):
+                            raise _nonfinite_error(f, c)
                     yield with_legacy_columns(batch, columns)
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
