@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from libmoe_core.evaluation.benchmarks import (
+    JUDGE_GROUPS,
     JUDGE_TASKS,
     LIBMOE12,
     TASK_ALIASES,
@@ -16,7 +17,7 @@ from libmoe_core.evaluation.benchmarks import (
 )
 
 SUITE = [
-    "ai2d", "chartqa", "textvqa_val", "gqa", "hallusion_bench_image", "mathvista_testmini",
+    "ai2d", "chartqa", "textvqa_val", "gqa", "hallusion_bench_image", "mathvista_testmini_format",
     "mmbench_en_dev", "mme", "mmmu_val", "mmstar", "pope", "scienceqa_img",
 ]
 
@@ -45,7 +46,7 @@ def test_judge_check_names_tasks_and_missing_variable():
     with pytest.raises(JudgeRequirementError) as info:
         check_judge_requirements(expand_tasks("libmoe12"), env={})
     msg = str(info.value)
-    for task in ("hallusion_bench_image", "mathvista_testmini", "mmbench_en_dev"):
+    for task in ("hallusion_bench_image", "mathvista_testmini_format", "mmbench_en_dev"):
         assert task in msg
     assert "OPENAI_API_KEY" in msg and "mmbench_en_dev_static" in msg
     assert "pope:" not in msg
@@ -58,6 +59,16 @@ def test_judge_check_passes_with_credentials():
     with pytest.raises(JudgeRequirementError, match="AZURE_ENDPOINT"):
         check_judge_requirements(["mathvista_testmini"], env={"API_TYPE": "azure", "AZURE_API_KEY": "k"})
     check_judge_requirements(["easyvqa", "pope"], env={})
+    # lmms-eval compares API_TYPE as it is: "Azure" calls no API and scores every answer "unclear"
+    with pytest.raises(JudgeRequirementError, match="API_TYPE='Azure'.*set API_TYPE=azure"):
+        check_judge_requirements(["mmbench_en_dev"], env={"API_TYPE": "Azure", "AZURE_API_KEY": "k", "AZURE_ENDPOINT": "e"})
+
+
+@pytest.mark.parametrize("group", ["mmbench_en", "mmbench", "mathvista", "mathvista_testmini"])
+def test_judge_check_sees_the_judge_tasks_of_a_group(group):
+    """``--tasks mmbench_en`` (what LibMoE's own script passes) ran without a key and scored wrongly."""
+    with pytest.raises(JudgeRequirementError, match=JUDGE_GROUPS[group][0]):
+        check_judge_requirements([group], env={})
 
 
 def _lmms_eval_task_names() -> set[str]:
@@ -88,3 +99,51 @@ def test_suite_and_judge_names_exist_in_installed_lmms_eval():
     missing = [t for t in [*SUITE, *JUDGE_TASKS, "mmbench_en_dev_static"] if t not in names]
     assert not missing
     assert set(TASK_ALIASES["libmoe12"]) == set(SUITE)
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(verbosity="ERROR")
+
+
+def _leaves(manager, name: str) -> list[str]:
+    """The tasks of an lmms-eval task or group, from its own index and configs."""
+    if manager.task_index[name]["type"] != "group":
+        return [name]
+    members = manager._get_config(name)["task"]
+    out = []
+    for member in members if isinstance(members, list) else [members]:
+        member = member if isinstance(member, str) else member.get("task")
+        if member in manager.task_index:
+            out += _leaves(manager, member)
+    return out
+
+
+def test_every_suite_task_loads_with_its_scorer(task_manager, monkeypatch):
+    """Loading a task imports its scoring code: MathVista's needs Levenshtein (an lmms-eval extra),
+    and without it every libmoe12 run stopped at task loading."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")  # judge tasks' code makes an API client on import
+    for name in SUITE:
+        for leaf in _leaves(task_manager, name):
+            assert isinstance(task_manager._get_config(leaf), dict), leaf
+
+
+def test_judge_groups_are_every_group_holding_a_judge_task(task_manager, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
+    found, unreadable = {}, {}
+    for name, entry in task_manager.task_index.items():
+        if entry["type"] != "group":
+            continue
+        try:
+            leaves = _leaves(task_manager, name)
+        except Exception as err:  # noqa: BLE001 (a scorer needing a package the kit does not install)
+            unreadable[name] = repr(err)
+            continue
+        judged = tuple(leaf for leaf in leaves if leaf in JUDGE_TASKS)
+        if judged:
+            found[name] = judged
+    assert found == JUDGE_GROUPS
+    assert not [name for name in unreadable if name.startswith(("mmbench", "mathvista", "hallusion"))], unreadable

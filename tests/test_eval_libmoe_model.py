@@ -200,6 +200,17 @@ def test_generation_limit_is_the_tasks_own(checkpoint, tmp_path):
     traced.clean()
 
 
+def test_lmms_evals_default_stop_does_not_cut_answers():
+    """lmms-eval adds until=["\\n\\n"] to every task that sets none: MathVista's reasoning was cut
+    before its final answer."""
+    from libmoe_core.evaluation.lmms_model import _cut, request_stops
+
+    answer = "The bars are 12 and 17.\n\nSo the difference is 5.\n\nThe answer is 5.<|end|>junk"
+    assert _cut(answer, request_stops(["\n\n"], ["<|end|>"])) == answer.split("<|end|>")[0]
+    assert _cut(answer, request_stops("The answer", ["<|end|>"])) == "The bars are 12 and 17.\n\nSo the difference is 5."
+    assert request_stops(None, ["<|end|>"]) == ["<|end|>"]
+
+
 def test_bad_batch_size_and_trace_selections_are_refused(checkpoint, tmp_path):
     """batch_size "abc" ran at 1; a selection of no MoE layer ran to the end with no trace."""
     for bad in ("abc", "0", -2, "auto"):

@@ -114,6 +114,21 @@ def test_run_refuses_judge_tasks_before_doing_anything(tmp_path):
     assert not cfg.output_path.exists()
 
 
+def test_run_refuses_an_output_path_holding_an_earlier_runs_judge_answers(tmp_path, monkeypatch):
+    """lmms-eval's HallusionBench reads gpt_response/hallusion_output_*_model.json back from its
+    output path and judges only the samples past its length: a second model scored 100 with the
+    first model's answers."""
+    from libmoe_core.evaluation import runner
+
+    monkeypatch.setattr(runner, "build_command", lambda cfg, include: pytest.fail("lmms-eval was started"))
+    cfg = _cfg(tmp_path, tasks=["hallusion_bench_image"])
+    cache = cfg.output_path / "gpt_response" / "hallusion_output_vd_model.json"
+    cache.parent.mkdir(parents=True)
+    cache.write_text("[]")
+    with pytest.raises(runner.EvalRunError, match=f"judge answers of an earlier run.*{cache}"):
+        run_evaluation(cfg, env={"OPENAI_API_KEY": "sk-not-used", "PATH": os.environ.get("PATH", "")})
+
+
 def test_interrupted_run_stops_lmms_eval(tmp_path, monkeypatch):
     # A notebook interrupt (KeyboardInterrupt) while the output streams: the evaluation process
     # is killed, not left running with nobody reading its output.
@@ -144,7 +159,7 @@ def test_cli_dry_run_prints_the_command(tmp_path, capsys):
                    "--placements", "vision,llm", "--model-arg", "max_new_tokens=4", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "--tasks ai2d,chartqa,textvqa_val,gqa,hallusion_bench_image,mathvista_testmini,mmbench_en_dev," in out
+    assert "--tasks ai2d,chartqa,textvqa_val,gqa,hallusion_bench_image,mathvista_testmini_format,mmbench_en_dev," in out
     assert "layers_expert_selection=0;3,placements=vision;llm" in out and "max_new_tokens=4" in out
     assert "--limit 8 " in out and f"--include_path {tmp_path / 'lmms_tasks'}" in out
     assert not (tmp_path / "lmms_tasks").exists()

@@ -1,8 +1,11 @@
 """The LibMoE benchmark suite as lmms-eval 0.7.3 task names, task-list expansion, judge checks.
 
 ``libmoe12`` is the twelve benchmarks of the LibMoE seed. Every name below was checked
-against lmms-eval 0.7.3's task YAMLs (``lmms_eval/tasks/**``); ``mathvista_testmini``
-is a *group* there (``mathvista_testmini_cot``, ``_solution``, ``_format``).
+against lmms-eval 0.7.3's task YAMLs (``lmms_eval/tasks/**``). MathVista is
+``mathvista_testmini_format``: ``mathvista_testmini`` is a *group* there of three prompt
+variants (``_cot``, ``_solution``, ``_format``) with no combined score, while LibMoE's own
+``mathvista_testmini`` is the format-prompt variant alone (its lmms-eval fork's YAML; it
+generates up to 1024 tokens where 0.7.3's asks for 16384: pass ``max_new_tokens=1024`` for parity).
 
 Some tasks score answers with a GPT judge through the OpenAI (or Azure) API. lmms-eval
 does not stop when the key is missing: it retries every request against the API and
@@ -17,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
+    "JUDGE_GROUPS",
     "JUDGE_TASKS",
     "LIBMOE12",
     "LOCAL_TASKS",
@@ -35,22 +39,13 @@ LIBMOE12: dict[str, str] = {
     "TextVQA (val)": "textvqa_val",
     "GQA (testdev balanced)": "gqa",
     "HallusionBench (image)": "hallusion_bench_image",
-    "MathVista (testmini)": "mathvista_testmini",
+    "MathVista (testmini)": "mathvista_testmini_format",
     "MMBench-EN (dev)": "mmbench_en_dev",
     "MME": "mme",
     "MMMU (val)": "mmmu_val",
     "MMStar": "mmstar",
     "POPE": "pope",
     "ScienceQA-IMG": "scienceqa_img",
-}
-
-#: Names that ``--tasks`` expands to several lmms-eval tasks.
-TASK_ALIASES: dict[str, tuple[str, ...]] = {
-    "libmoe12": tuple(LIBMOE12.values()),
-    # the suite without the tasks that need an API judge
-    "libmoe12_nojudge": tuple(
-        t for t in LIBMOE12.values() if t not in ("hallusion_bench_image", "mathvista_testmini", "mmbench_en_dev")
-    ),
 }
 
 #: Tasks shipped with libmoe-kit (prepared locally, no hub access).
@@ -71,11 +66,12 @@ class JudgeInfo:
 #: list is not exhaustive).
 JUDGE_TASKS: dict[str, JudgeInfo] = {
     "hallusion_bench_image": JudgeInfo("every sample", "tasks/hallusion_bench/utils.py (evaluate_by_chatgpt)"),
-    "mathvista_testmini": JudgeInfo("every sample", "tasks/mathvista/mathvista_evals.py (llm_judge answer extraction)"),
-    "mathvista_testmini_cot": JudgeInfo("every sample", "tasks/mathvista/mathvista_evals.py"),
-    "mathvista_testmini_format": JudgeInfo("every sample", "tasks/mathvista/mathvista_evals.py"),
-    "mathvista_testmini_solution": JudgeInfo("every sample", "tasks/mathvista/mathvista_evals.py"),
-    "mathvista_test": JudgeInfo("every sample", "tasks/mathvista/mathvista_evals.py"),
+    "mathvista_testmini_format": JudgeInfo(
+        "fallback", "tasks/mathvista/mathvista_evals.py (GPT extracts the answer unless it is a listed choice or a number)"
+    ),
+    "mathvista_testmini_cot": JudgeInfo("fallback", "tasks/mathvista/mathvista_evals.py"),
+    "mathvista_testmini_solution": JudgeInfo("fallback", "tasks/mathvista/mathvista_evals.py"),
+    "mathvista_test": JudgeInfo("fallback", "tasks/mathvista/mathvista_evals.py"),
     "mmbench_en_dev": JudgeInfo(
         "fallback",
         "tasks/mmbench/mmbench_evals.py (GPT extracts the option when the answer letter cannot be parsed)",
@@ -83,6 +79,24 @@ JUDGE_TASKS: dict[str, JudgeInfo] = {
     ),
     "mmbench_cn_dev": JudgeInfo("fallback", "tasks/mmbench/mmbench_evals.py"),
     "mmmu_val_reasoning": JudgeInfo("every sample", "tasks/mmmu/utils.py (OpenAIVerifier)"),
+}
+
+#: Names that ``--tasks`` expands to several lmms-eval tasks.
+TASK_ALIASES: dict[str, tuple[str, ...]] = {
+    "libmoe12": tuple(LIBMOE12.values()),
+    # the suite without the tasks that need an API judge
+    "libmoe12_nojudge": tuple(t for t in LIBMOE12.values() if t not in JUDGE_TASKS),
+}
+
+#: lmms-eval 0.7.3 groups -> their judge tasks above (a test checks this against lmms-eval's own
+#: task index): ``--tasks mmbench_en`` (LibMoE's own script's name) is the judge task mmbench_en_dev.
+JUDGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "mathvista": ("mathvista_testmini_cot", "mathvista_testmini_solution", "mathvista_testmini_format",
+                  "mathvista_test"),
+    "mathvista_testmini": ("mathvista_testmini_cot", "mathvista_testmini_solution", "mathvista_testmini_format"),
+    "mmbench": ("mmbench_en_dev", "mmbench_cn_dev"),
+    "mmbench_cn": ("mmbench_cn_dev",),
+    "mmbench_en": ("mmbench_en_dev",),
 }
 
 # API_TYPE (lmms-eval's switch) -> the variables its providers read.
@@ -119,8 +133,13 @@ def expand_tasks(tasks: str | Iterable[str]) -> list[str]:
 
 
 def judge_tasks(tasks: Iterable[str]) -> list[str]:
-    """The tasks among ``tasks`` that call an API judge."""
-    return [t for t in tasks if t in JUDGE_TASKS]
+    """The tasks among ``tasks`` that call an API judge, groups resolved to theirs."""
+    out: list[str] = []
+    for task in tasks:
+        for leaf in JUDGE_GROUPS.get(task, (task,)):
+            if leaf in JUDGE_TASKS and leaf not in out:
+                out.append(leaf)
+    return out
 
 
 def check_judge_requirements(tasks: Iterable[str], env: Mapping[str, str] | None = None) -> None:
@@ -134,8 +153,12 @@ def check_judge_requirements(tasks: Iterable[str], env: Mapping[str, str] | None
     needing = judge_tasks(tasks)
     if not needing:
         return
-    api_type = (env.get("API_TYPE") or "openai").lower()
+    api_type = env.get("API_TYPE") or "openai"
     required = _JUDGE_ENV.get(api_type)
+    if required is None and api_type.lower() in _JUDGE_ENV:  # lmms-eval compares it as it is
+        raise JudgeRequirementError(f"API_TYPE={api_type!r}: lmms-eval's judges know only {sorted(_JUDGE_ENV)}, "
+                                    f"exactly so (with {api_type!r} they call no API and score every answer "
+                                    f"'unclear'); set API_TYPE={api_type.lower()}")
     if required is None:
         return
     missing = [var for var in required if not env.get(var)]

@@ -60,6 +60,18 @@ def _cut(text: str, stops: list[str]) -> str:
     return text.strip()
 
 
+#: The stop string lmms-eval adds when a task sets no ``until`` (its few-shot delimiter). It is not
+#: applied: it cut multi-paragraph answers (MathVista's reasoning before its final answer) where
+#: lmms-eval's llava does not cut at all and its qwen2_5_vl drops this one for the same reason.
+LMMS_EVAL_DEFAULT_UNTIL = "\n\n"
+
+def request_stops(until, template_stops: list[str]) -> list[str]:
+    """Where a request's answer is cut: its ``until`` strings but lmms-eval's default, then the chat
+    template's end strings."""
+    until = [until] if isinstance(until, str) else list(until or [])
+    return [u for u in until if u != LMMS_EVAL_DEFAULT_UNTIL] + list(template_stops)
+
+
 #: generation limit of a task whose generation_kwargs set none (what lmms-eval's own llava uses)
 TASK_DEFAULT_MAX_NEW_TOKENS = 1024
 
@@ -185,8 +197,7 @@ class LibMoE(lmms):
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
             contexts.append(self.processor.prompt(context, num_images=len(visuals)))
             images.append(visuals)
-            until = (kwargs or {}).get("until") or []
-            stops.append(([until] if isinstance(until, str) else list(until)) + self.stops)
+            stops.append(request_stops((kwargs or {}).get("until"), self.stops))
         inputs = self._inputs(contexts, images)
         temperature = float(gen_kwargs.get("temperature", 0) or 0)
         settings = dict(

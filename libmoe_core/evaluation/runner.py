@@ -184,6 +184,24 @@ def _prepare_trace_dir(cfg: EvalConfig, overwrite: bool) -> None:
         part.unlink()
 
 
+#: Judge answers lmms-eval caches under its ``--output_path`` and reuses, unchecked, in a later run
+#: there: ``hallusion_bench`` reads ``gpt_response/hallusion_output_v{d,s}_model.json`` back and
+#: judges only the samples past its length (another checkpoint scored with the first one's answers).
+JUDGE_CACHES = {"hallusion_bench_image": ("gpt_response/hallusion_output_vd_model.json",
+                                          "gpt_response/hallusion_output_vs_model.json")}
+
+
+def _check_judge_caches(cfg: EvalConfig) -> None:
+    stale = [cfg.output_path / rel for task in cfg.tasks for rel in JUDGE_CACHES.get(task, ())
+             if (cfg.output_path / rel).exists()]
+    if stale:
+        raise EvalRunError(
+            f"{cfg.output_path} holds judge answers of an earlier run, which lmms-eval would reuse for this one "
+            f"(scoring this model with that run's answers): {', '.join(map(str, stale))}; choose another "
+            "--output-path or delete them"
+        )
+
+
 def run_evaluation(
     cfg: EvalConfig,
     *,
@@ -210,6 +228,7 @@ def run_evaluation(
     check_judge_requirements(cfg.tasks, base_env)
     _check_lmms_eval_installed()
     cfg.output_path.mkdir(parents=True, exist_ok=True)
+    _check_judge_caches(cfg)
     if cfg.return_id_experts:
         _prepare_trace_dir(cfg, overwrite_traces)
     include_path = prepare_local_tasks(cfg.local_tasks, cfg.tasks_dir)
