@@ -171,13 +171,43 @@ def test_router_option_values_are_checked():
         ("smoe", {"normalize": 0}, "normalize must be true or false"),
         ("hyper", {"k_min": 1.5}, "k_min must be a positive integer, got 1.5 \\(float\\)"),
         ("hyper", {"k_max": 2.0}, "k_max must be a positive integer, got 2.0"),
-        ("smoe", {"init_std": -1}, "init_std must be a finite number > 0"),
+        ("smoe", {"init_std": -1}, "init_std must be a finite number >= 0"),
     ]:
         with pytest.raises(ValueError, match=needle):
             make_router(name, **options)
     numpy_sizes = get_router_class("smoe")(np.int64(16), np.int64(4), np.int64(2))  # numpy integers are integers
     assert (numpy_sizes.hidden_size, numpy_sizes.num_experts, numpy_sizes.top_k) == (16, 4, 2)
     assert type(numpy_sizes.top_k) is int
+
+
+def test_a_zero_init_std_gives_a_zero_gate():
+    assert torch.count_nonzero(make_router("smoe", init_std=0.0).gate.weight) == 0  # was refused by a > 0 check
+
+
+def test_a_router_without_aux_terms_trains_in_the_model():
+    """aux_loss was the int 0 (sum of nothing): the model's per-layer gradient check crashed on it."""
+    from libmoe_core.model.presets import build_model
+
+    @register_router("test_no_aux")
+    class NoAux(get_router_class("smoe")):
+        def compute_aux_terms(self, out):
+            return {}
+
+    try:
+        out = make_router("test_no_aux")(torch.randn(3, 16))
+        assert torch.is_tensor(out.aux_loss) and out.aux_loss.item() == 0.0
+        model = build_model("tiny", router="test_no_aux", moe_vision=False, moe_llm_layers=[1]).train()
+        ids = torch.randint(20, 400, (2, 7))
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in placed_router_params(model))
+    finally:
+        ROUTERS.pop("test_no_aux", None)
+
+
+def placed_router_params(model):
+    from libmoe_core.model.placement import placed_moe_layers
+
+    return [p for _, _, layer in placed_moe_layers(model) for p in layer.router.parameters()]
 
 
 def test_upcycling_option_values_are_checked():

@@ -144,3 +144,16 @@ def test_upcycled_bf16_output_equals_dense_exactly(router, family):
         out, expected = layer(x), dense(x)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, expected), f"{int((out != expected).sum())} of {out.numel()} elements differ"
+
+
+def test_bf16_layer_keeps_its_rows_in_bf16_for_backward():
+    """The fp32 combine saved an fp32 copy of the [T*k, out] rows for backward (+2 bytes each)."""
+    layer = build_moe(randomise(MLPS["phi3"]()).to(torch.bfloat16), "smoe", num_experts=4, top_k=2, seed=0)
+    x = torch.randn(64, D, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    big_fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= 64 * 2 * D]
+    assert big_fp32 == [], big_fp32
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and layer.router.gate.weight.grad is not None

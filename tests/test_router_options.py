@@ -87,6 +87,31 @@ def test_training_configs_are_checked_before_launch(overrides, message):
     assert resolve_config("sft", overrides=good).router_options == {"temperature": 1.0}
 
 
+def test_value_checks_leave_plugin_routers_and_unused_sizes_alone():
+    """A plugin router's checks may need the real widths (it was built with hidden size 16 and
+    refused); the model-wide sizes were checked although every placement used its own."""
+    from libmoe_core.moe import ROUTERS, get_router_class, register_router
+
+    @register_router("test_needs_width")
+    class NeedsWidth(get_router_class("smoe")):
+        extra_options = ("heads",)
+
+        def __init__(self, hidden_size, num_experts, top_k, *, heads=1, **kw):
+            if hidden_size % heads:
+                raise ValueError(f"hidden_size {hidden_size} not divisible by heads {heads}")
+            super().__init__(hidden_size, num_experts, top_k, **kw)
+
+    try:
+        assert resolve_config("sft", overrides={"router": "test_needs_width", "router_options": {"heads": 32}})
+    finally:
+        ROUTERS.pop("test_needs_width", None)
+    own_sizes = {"router": "hyper", "router_options": {"k_min": 2, "k_max": 6}, "moe_vision": False,
+                 "moe_llm_layers": {"layers": [1], "num_experts": 8, "top_k": 4}}
+    assert resolve_config("sft", overrides=own_sizes).router_options == {"k_min": 2, "k_max": 6}
+    with pytest.raises(ValueError, match="k_max=6, num_experts=4"):  # used by the vision placement: checked
+        resolve_config("sft", overrides=dict(own_sizes, moe_vision=True))
+
+
 def test_the_router_check_leaves_the_global_rng_alone():
     import torch
 

@@ -118,11 +118,13 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
             path = os.path.expanduser(path)
         if strict:
             _check_checkpoint(path, kwargs)
-        # The attention kernel is not saved: the same policy as build_model (flash-attn > sdpa > eager).
-        kwargs["attn_implementation"] = resolve_attn_implementation(kwargs.get("attn_implementation"))
+        # The attention kernel is not saved: the same default as build_model (flash-attn > sdpa > eager);
+        # any other value is transformers' to accept or refuse ("paged|sdpa", a per-sub-config dict, ...).
+        if kwargs.get("attn_implementation") in (None, "auto"):
+            kwargs["attn_implementation"] = resolve_attn_implementation(None)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
-        _copy_unaligned_tensors(model)
+        _copy_unaligned_router_tensors(model)
         restore_router_buffers(model)
         freeze_fixed_router_parts(model)  # loading made every parameter trainable
         mismatch = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -268,17 +270,19 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
 _ALIGNMENT = 64  # bytes: what torch's CPU allocator gives every tensor
 
 
-def _copy_unaligned_tensors(model: nn.Module) -> None:
-    """Copy CPU parameters and buffers that start off a 64-byte boundary into fresh memory.
+def _copy_unaligned_router_tensors(model: nn.Module) -> None:
+    """Copy the routers' CPU parameters and buffers that start off a 64-byte boundary into fresh memory.
 
     A safetensors load leaves CPU weights as views into the memory-mapped file at arbitrary
-    offsets; BLAS's one-row (GEMV) kernels then sum in another order, so a reloaded model's logits
-    for a one-token step (decoding) differed from the saved model's by ~4e-7, and the hyper
-    router's generated gate on every step. Copied, the reload computes what the saved model did."""
+    offsets; BLAS's one-row (GEMV) kernels then sum in another order, so a one-token step
+    (decoding) of the reloaded model scored experts ~1e-7 apart from the saved one, which can flip
+    a near-tie, and the hyper router's generated gate always differed. Router weights are small;
+    the other weights stay shared with the file (their one-row results differ by ~4e-7, no more)."""
     with torch.no_grad():
-        for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % _ALIGNMENT:
-                tensor.data = tensor.data.clone()
+        for _, _, layer in placed_moe_layers(model):
+            for tensor in (*layer.router.parameters(), *layer.router.buffers()):
+                if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % _ALIGNMENT:
+                    tensor.data = tensor.data.clone()
 
 
 def _check_aux_gradients(moe) -> None:
@@ -287,8 +291,10 @@ def _check_aux_gradients(moe) -> None:
     (checked per layer: a projector MoE outside the checkpointed LLM layers keeps the total's)."""
     for placement, index, layer in moe:
         routing = layer.last_routing
-        if routing is None or routing.aux_loss.requires_grad or not bool((routing.experts >= 0).any()):
-            continue  # not run, has its gradient, or routed no token (all padding)
+        if routing is None or not routing.aux_terms or routing.aux_loss.requires_grad:
+            continue  # not run, no aux loss, or it has its gradient
+        if not bool((routing.experts >= 0).any()):
+            continue  # routed no token (all padding)
         if any(p.requires_grad for p in layer.router.parameters()):
             raise RuntimeError(
                 f"the aux loss of the {placement} MoE layer {index} carries no gradient although its router "

@@ -75,6 +75,23 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+class _WeightRows(torch.autograd.Function):
+    """``rows.float() * weights`` in fp32, saving ``rows`` in its own dtype for backward (autograd
+    would keep the fp32 copy: +2 bytes per element of a bf16 layer's [T*k, out] rows)."""
+
+    @staticmethod
+    def forward(ctx, rows, weights):  # rows [N, out] any float dtype, weights [N, 1] fp32
+        ctx.save_for_backward(rows, weights)
+        return rows.float() * weights
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [N, out] fp32
+        rows, weights = ctx.saved_tensors
+        grad_rows = (grad * weights).to(rows.dtype) if ctx.needs_input_grad[0] else None
+        grad_weights = (grad * rows.float()).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        return grad_rows, grad_weights
+
+
 class _GatherTokenSlots(torch.autograd.Function):
     """``x[order // k]``: the token of every slot, slots in expert order, all T·k slots present.
     Backward puts the slot gradients back in token order and sums each token's k slots."""
@@ -114,12 +131,12 @@ def dispatch(
         inverse[order] = torch.arange(order.numel(), device=order.device)
         slot_weights = _PermuteRows.apply(weights.reshape(-1, 1), order, inverse)  # [T*k, 1] expert order
         rows = experts(_GatherTokenSlots.apply(x, order, inverse, k), counts[:e])  # [T*k, out]
-        rows = rows.float() * slot_weights  # fp32 weighting and sum: bf16 would round w1 + w2 off 1
+        rows = _WeightRows.apply(rows, slot_weights.float())  # fp32 weighting and sum: bf16 would round w1 + w2 off 1
         per_slot = _PermuteRows.apply(rows, inverse, order)  # [T*k, out] back in token order
     else:  # dropped or expert-less slots contribute zero
         order = order[:n_active]
         rows = experts(x[order // k], counts[:e])  # [S', out]
-        rows = rows.float() * weights.reshape(-1)[order].unsqueeze(-1).float()
+        rows = _WeightRows.apply(rows, weights.reshape(-1)[order].unsqueeze(-1).float())
         per_slot = rows.new_zeros(t * k, rows.shape[-1]).index_copy(0, order, rows)
     return per_slot.view(t, k, -1).sum(dim=1)  # fp32; the layer casts to the input's dtype once
 

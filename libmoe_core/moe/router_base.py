@@ -135,7 +135,7 @@ class Router(nn.Module):
         self.hidden_size = hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.num_experts = num_experts = _check_positive_int("num_experts", num_experts)
         self.top_k = top_k = _check_positive_int("top_k", top_k)
-        self.init_std = _check_number("init_std", init_std, positive=True)
+        self.init_std = _check_number("init_std", init_std)  # 0: a zero gate (uniform routing at first)
         self.seed = seed
         self.coefs = {
             "balance": _check_coef("balance_coef", self.default_balance_coef if balance_coef is None else balance_coef),
@@ -244,7 +244,8 @@ class Router(nn.Module):
         missing = sorted(set(out.aux_terms) - set(self.coefs))
         if missing:
             raise KeyError(f"router '{self.name}' reports aux term(s) {missing} without a coefficient in self.coefs")
-        out.aux_loss = sum(self.coefs[name] * term for name, term in out.aux_terms.items())
+        terms = [self.coefs[name] * term for name, term in out.aux_terms.items()]
+        out.aux_loss = sum(terms) if terms else logits.new_zeros(())  # a tensor even without aux terms
         return out
 
     def _apply(self, fn, recurse: bool = True):
@@ -402,18 +403,18 @@ def check_router_options(name: str, options: dict, where: str = "router_options"
                          num_experts: int | None = None, top_k: int | None = None, **coefs) -> None:
     """An error naming ``where``, the router and its options when ``options`` has a key it does not take.
 
-    Given ``num_experts`` and ``top_k`` (and ``balance_coef`` / ``z_coef`` in ``coefs``), the router
-    is also built once, small and off the global RNG, so its own value checks (``top_k`` against a
-    shared expert, ``k_min <= k_max``, a positive temperature, ...) fail now, not when a training
-    stage builds the model."""
+    Given ``num_experts`` and ``top_k`` (and ``balance_coef`` / ``z_coef`` in ``coefs``), one of the
+    kit's routers is also built once, small and off the global RNG, so its own value checks
+    (``top_k`` against a shared expert, ``k_min <= k_max``, a positive temperature, ...) fail now,
+    not when a training stage builds the model (a plugin router's wait for the real widths)."""
     cls = get_router_class(name)
     known = router_option_names(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"{where}: router {name!r} takes no option(s) {unknown}; its options: {known} (a router "
                          f"that reads an option from **kwargs lists it in its extra_options)")
-    if num_experts is None or top_k is None:
-        return
+    if num_experts is None or top_k is None or not cls.__module__.startswith("libmoe_core."):
+        return  # a plugin router's checks may need the real widths: they run when the model is built
     with torch.random.fork_rng(devices=[]):
         try:
             cls(16, num_experts, top_k, seed=0, **{k: v for k, v in coefs.items() if v is not None}, **options)
