@@ -77,7 +77,23 @@ def test_nonfinite_router_values_are_a_trace_error_with_a_row_count(tmp_path, co
     with pytest.raises(TraceError) as err:
         analyze(path)
     message = str(err.value)
-    assert path in message and f"column {column} has NaN, inf or null values in {count} of 4 row(s)" in message
+    what = "NaN, inf, negative or null" if column == "probs" else "NaN, inf or null"
+    assert path in message and f"column {column} has {what} values in {count} of 4 row(s)" in message
+
+
+def test_negative_probabilities_and_null_ids_are_refused_negative_weights_kept(tmp_path):
+    """Negative probs gave a router entropy of -70; a null expert id inside a list counted as expert
+    0. TC-MoE's negative slots have negative weights: those are fine."""
+    probs = [[0.5, 0.5, 0.0, 0.0], [0.25] * 4, [1.2, -0.2, 0.0, 0.0], [0.25] * 4]
+    path = _write(tmp_path, "probs_negative", _with(_good(), "probs", pa.array(probs, pa.list_(pa.float32()))))
+    with pytest.raises(TraceError, match=r"probs has NaN, inf, negative or null values in 1 of 4 row\(s\) \(first at row 2\)"):
+        analyze(path)
+    experts = pa.array([[0, 1], [0, None], [2, 3], [1, 0]], pa.list_(pa.int16()))
+    path = _write(tmp_path, "experts_null_item", _with(_good(), "experts", experts))
+    with pytest.raises(TraceError, match="column experts has 1 null item"):
+        analyze(path)
+    weights = pa.array([[0.7, -0.3]] * 4, pa.list_(pa.float32()))
+    assert analyze(_write(tmp_path, "weights_negative", _with(_good(), "weights", weights)))["tokens"].iloc[0] == 4
 
 
 def test_nonfinite_row_count_covers_the_whole_file(tmp_path):
@@ -86,7 +102,7 @@ def test_nonfinite_row_count_covers_the_whole_file(tmp_path):
     probs[7][1], probs[13][0], probs[13][2] = math.nan, math.nan, math.inf
     path = tmp_path / "t.parquet"
     pq.write_table(_with(table, "probs", pa.array(probs, pa.list_(pa.float32()))), path, row_group_size=6)
-    with pytest.raises(TraceError, match=r"column probs has NaN, inf or null values in 2 of 20 row\(s\) \(first at row 7\)"):
+    with pytest.raises(TraceError, match=r"column probs has NaN, inf, negative or null values in 2 of 20 row\(s\) \(first at row 7\)"):
         list(iter_batches(path, METRIC_COLUMNS, batch_rows=3))
     assert sum(b.num_rows for b in iter_batches(path, ["layer", "weights"], batch_rows=3)) == 20  # probs not read
 
@@ -148,7 +164,7 @@ def test_traces_of_the_kits_writers_still_read(tmp_path):
     [
         ("layer", pa.array(["a"] * 4), "column layer has type string, expected integer"),
         ("experts", pa.array([[0.0, 1.5]] * 4), "column experts has type list<element: double>, expected list<integer>"),
-        ("probs", pa.array([[math.nan] * 4] * 4, pa.list_(pa.float32())), "column probs has NaN, inf or null values"),
+        ("probs", pa.array([[math.nan] * 4] * 4, pa.list_(pa.float32())), "column probs has NaN, inf, negative or null values"),
     ],
 )
 def test_cli_reports_bad_traces_as_usage_errors(tmp_path, capsys, column, array, message):

@@ -119,15 +119,27 @@ def check_columns(path: str | os.PathLike, columns: Iterable[str]) -> list[str]:
     return files
 
 
-def _nonfinite_items(array: pa.Array) -> int:
-    """How many items of a list<float> column are NaN, inf or null (null lists do not count)."""
+#: List columns whose items are probabilities (>= 0); ``weights`` may be negative (TC-MoE's negative slots).
+_NONNEGATIVE_COLUMNS = ("probs",)
+
+
+def _valid_items(values: pa.Array, name: str) -> pa.Array:
+    """Per item of a flattened list column: finite (and >= 0 for a probability column); null is invalid."""
+    ok = pc.is_finite(values)
+    if name in _NONNEGATIVE_COLUMNS:
+        ok = pc.and_(ok, pc.greater_equal(values, 0))
+    return pc.fill_null(ok, False)
+
+
+def _nonfinite_items(array: pa.Array, name: str) -> int:
+    """How many items of a list<float> column are NaN, inf, null or (probs) negative (null lists do not count)."""
     if pa.types.is_null(array.type):
         return 0
     values = array.flatten()
     if len(values) == 0:
         return 0
-    finite = pc.sum(pc.is_finite(values)).as_py() or 0
-    return len(values) - finite
+    valid = pc.sum(_valid_items(values, name)).as_py() or 0
+    return len(values) - valid
 
 
 def _nonfinite_error(file: str, name: str) -> TraceError:
@@ -139,17 +151,18 @@ def _nonfinite_error(file: str, name: str) -> TraceError:
             for batch in pf.iter_batches(columns=[name]):
                 array = batch.column(0)
                 values = array.flatten()
-                bad = pc.invert(pc.fill_null(pc.is_finite(values), False))
+                bad = pc.invert(_valid_items(values, name))
                 parents = pc.filter(pc.list_parent_indices(array), bad)
                 if len(parents):
                     first = first if rows else total + pc.min(parents).as_py()
                     rows += pc.count_distinct(parents).as_py()
                 total += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
-        return TraceError(f"trace file {file}: column {name} has NaN, inf or null values ({exc})")
+        return TraceError(f"trace file {file}: column {name} has NaN, inf{', negative' if name in _NONNEGATIVE_COLUMNS else ''} or null values ({exc})")
+    what = "NaN, inf, negative or null" if name in _NONNEGATIVE_COLUMNS else "NaN, inf or null"
     return TraceError(
-        f"trace file {file}: column {name} has NaN, inf or null values in {rows} of {total} row(s) "
-        f"(first at row {first}); a {name} value must be finite"
+        f"trace file {file}: column {name} has {what} values in {rows} of {total} row(s) "
+        f"(first at row {first}); a {name} value must be finite{' and >= 0' if name in _NONNEGATIVE_COLUMNS else ''}"
         + (" (a distribution that was not recorded is a null list)" if name in _NULLABLE else "")
     )
 
@@ -199,7 +212,7 @@ def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iter
             for batch in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=True):
                 if batch.num_rows:
                     for c in finite:
-                        if _nonfinite_items(batch.column(c)):
+                        if _nonfinite_items(batch.column(c), c):
                             raise _nonfinite_error(f, c)
                     yield with_legacy_columns(batch, columns)
         except (pa.ArrowException, OSError) as exc:
@@ -304,6 +317,9 @@ def list_matrix(array: pa.Array, name: str = "column") -> np.ndarray | None:
     """
     if array.null_count:
         raise TraceError(f"column {name} has {array.null_count} null list(s)")
+    inner_nulls = array.flatten().null_count
+    if inner_nulls:  # a null expert id or weight inside a list (it read as expert 0, or as NaN)
+        raise TraceError(f"column {name} has {inner_nulls} null item(s) inside its lists")
     n = len(array)
     if pa.types.is_fixed_size_list(array.type):
         width = array.type.list_size
