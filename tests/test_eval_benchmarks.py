@@ -62,9 +62,11 @@ def test_judge_check_passes_with_credentials():
     # lmms-eval compares API_TYPE as it is: "Azure" calls no API and scores every answer "unclear"
     with pytest.raises(JudgeRequirementError, match="API_TYPE='Azure'.*set API_TYPE=azure"):
         check_judge_requirements(["mmbench_en_dev"], env={"API_TYPE": "Azure", "AZURE_API_KEY": "k", "AZURE_ENDPOINT": "e"})
+    with pytest.raises(JudgeRequirementError, match="API_TYPE='': .*set API_TYPE=openai or unset it"):  # not "openai"
+        check_judge_requirements(["mmbench_en_dev"], env={"API_TYPE": "", "OPENAI_API_KEY": "sk"})
 
 
-@pytest.mark.parametrize("group", ["mmbench_en", "mmbench", "mathvista", "mathvista_testmini"])
+@pytest.mark.parametrize("group", ["mmbench_en", "mmbench", "mathvista", "mathvista_testmini", "public_eval_qwen3_5_family"])
 def test_judge_check_sees_the_judge_tasks_of_a_group(group):
     """``--tasks mmbench_en`` (what LibMoE's own script passes) ran without a key and scored wrongly."""
     with pytest.raises(JudgeRequirementError, match=JUDGE_GROUPS[group][0]):
@@ -110,10 +112,11 @@ def task_manager():
 
 
 def _leaves(manager, name: str) -> list[str]:
-    """The tasks of an lmms-eval task or group, from its own index and configs."""
-    if manager.task_index[name]["type"] != "group":
+    """The tasks of an lmms-eval task, group or tag, from its own index and configs."""
+    entry = manager.task_index[name]
+    if entry["type"] not in ("group", "tag"):
         return [name]
-    members = manager._get_config(name)["task"]
+    members = entry["task"] if entry["type"] == "tag" else manager._get_config(name)["task"]
     out = []
     for member in members if isinstance(members, list) else [members]:
         member = member if isinstance(member, str) else member.get("task")
@@ -135,14 +138,14 @@ def test_judge_groups_are_every_group_holding_a_judge_task(task_manager, monkeyp
     monkeypatch.setenv("OPENAI_API_KEY", "sk-not-used")
     found, unreadable = {}, {}
     for name, entry in task_manager.task_index.items():
-        if entry["type"] != "group":
+        if entry["type"] not in ("group", "tag"):  # a tag names tasks too (public_eval_qwen3_5_family)
             continue
         try:
             leaves = _leaves(task_manager, name)
         except Exception as err:  # noqa: BLE001 (a scorer needing a package the kit does not install)
             unreadable[name] = repr(err)
             continue
-        judged = tuple(leaf for leaf in leaves if leaf in JUDGE_TASKS)
+        judged = tuple(dict.fromkeys(leaf for leaf in leaves if leaf in JUDGE_TASKS))
         if judged:
             found[name] = judged
     assert found == JUDGE_GROUPS

@@ -127,6 +127,9 @@ def test_run_refuses_an_output_path_holding_an_earlier_runs_judge_answers(tmp_pa
     cache.write_text("[]")
     with pytest.raises(runner.EvalRunError, match=f"judge answers of an earlier run.*{cache}"):
         run_evaluation(cfg, env={"OPENAI_API_KEY": "sk-not-used", "PATH": os.environ.get("PATH", "")})
+    tagged = _cfg(tmp_path, tasks=["public_eval_qwen3_5_family"])  # an lmms-eval tag holding it
+    with pytest.raises(runner.EvalRunError, match="judge answers of an earlier run"):
+        run_evaluation(tagged, env={"OPENAI_API_KEY": "sk-not-used", "PATH": os.environ.get("PATH", "")})
 
 
 def test_interrupted_run_stops_lmms_eval(tmp_path, monkeypatch):

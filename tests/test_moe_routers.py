@@ -171,7 +171,7 @@ def test_router_option_values_are_checked():
         ("smoe", {"normalize": 0}, "normalize must be true or false"),
         ("hyper", {"k_min": 1.5}, "k_min must be a positive integer, got 1.5 \\(float\\)"),
         ("hyper", {"k_max": 2.0}, "k_max must be a positive integer, got 2.0"),
-        ("smoe", {"init_std": -1}, "init_std must be a finite number >= 0"),
+        ("smoe", {"init_std": -1}, "router 'smoe' init_std must be a finite number >= 0"),
     ]:
         with pytest.raises(ValueError, match=needle):
             make_router(name, **options)
@@ -180,8 +180,11 @@ def test_router_option_values_are_checked():
     assert type(numpy_sizes.top_k) is int
 
 
-def test_a_zero_init_std_gives_a_zero_gate():
+def test_a_zero_init_std_gives_a_zero_gate_where_the_gate_can_learn_from_it():
     assert torch.count_nonzero(make_router("smoe", init_std=0.0).gate.weight) == 0  # was refused by a > 0 check
+    for name in ("xmoe", "hyper", "cosine", "perturbed_cosine"):  # stuck at uniform routing, or a 1/eps gradient
+        with pytest.raises(ValueError, match=f"router '{name}' init_std must be a finite number > 0"):
+            make_router(name, init_std=0.0)
 
 
 def test_a_router_without_aux_terms_trains_in_the_model():

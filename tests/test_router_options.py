@@ -110,6 +110,8 @@ def test_value_checks_leave_plugin_routers_and_unused_sizes_alone():
     assert resolve_config("sft", overrides=own_sizes).router_options == {"k_min": 2, "k_max": 6}
     with pytest.raises(ValueError, match="k_max=6, num_experts=4"):  # used by the vision placement: checked
         resolve_config("sft", overrides=dict(own_sizes, moe_vision=True))
+    with pytest.raises(ValueError, match="k_max=6, num_experts=4"):  # {}: every llm layer, model-wide sizes
+        resolve_config("sft", overrides=dict(own_sizes, moe_llm_layers={}))
 
 
 def test_the_router_check_leaves_the_global_rng_alone():

@@ -88,9 +88,13 @@ TASK_ALIASES: dict[str, tuple[str, ...]] = {
     "libmoe12_nojudge": tuple(t for t in LIBMOE12.values() if t not in JUDGE_TASKS),
 }
 
-#: lmms-eval 0.7.3 groups -> their judge tasks above (a test checks this against lmms-eval's own
-#: task index): ``--tasks mmbench_en`` (LibMoE's own script's name) is the judge task mmbench_en_dev.
+#: lmms-eval 0.7.3 groups and tags -> their judge tasks above (a test checks this against
+#: lmms-eval's own task index): ``--tasks mmbench_en`` (LibMoE's own script's name) is the judge
+#: task mmbench_en_dev.
 JUDGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "public_eval_qwen3_5_family": ("hallusion_bench_image", "mathvista_testmini_solution", "mathvista_testmini_cot",
+                                   "mathvista_testmini_format", "mmbench_en_dev"),
+    "visual_reasoning_collection": ("mathvista_testmini_cot", "mmmu_val_reasoning"),
     "mathvista": ("mathvista_testmini_cot", "mathvista_testmini_solution", "mathvista_testmini_format",
                   "mathvista_test"),
     "mathvista_testmini": ("mathvista_testmini_cot", "mathvista_testmini_solution", "mathvista_testmini_format"),
@@ -153,12 +157,12 @@ def check_judge_requirements(tasks: Iterable[str], env: Mapping[str, str] | None
     needing = judge_tasks(tasks)
     if not needing:
         return
-    api_type = env.get("API_TYPE") or "openai"
+    api_type = env.get("API_TYPE", "openai")  # as lmms-eval reads it: set but empty is not "openai"
     required = _JUDGE_ENV.get(api_type)
-    if required is None and api_type.lower() in _JUDGE_ENV:  # lmms-eval compares it as it is
+    if required is None and api_type.strip().lower() in (*_JUDGE_ENV, ""):  # lmms-eval compares it as it is
         raise JudgeRequirementError(f"API_TYPE={api_type!r}: lmms-eval's judges know only {sorted(_JUDGE_ENV)}, "
                                     f"exactly so (with {api_type!r} they call no API and score every answer "
-                                    f"'unclear'); set API_TYPE={api_type.lower()}")
+                                    f"'unclear'); set API_TYPE={api_type.strip().lower() or 'openai'} or unset it")
     if required is None:
         return
     missing = [var for var in required if not env.get(var)]

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .benchmarks import LOCAL_TASKS, check_judge_requirements
+from .benchmarks import JUDGE_GROUPS, LOCAL_TASKS, check_judge_requirements
 from .local_tasks import prepare_local_tasks
 from .model_args import format_model_args
 from .registration import MODEL_CLASSES, entry_point_registered
@@ -192,7 +192,8 @@ JUDGE_CACHES = {"hallusion_bench_image": ("gpt_response/hallusion_output_vd_mode
 
 
 def _check_judge_caches(cfg: EvalConfig) -> None:
-    stale = [cfg.output_path / rel for task in cfg.tasks for rel in JUDGE_CACHES.get(task, ())
+    tasks = [leaf for task in cfg.tasks for leaf in JUDGE_GROUPS.get(task, (task,))]  # groups and tags too
+    stale = [cfg.output_path / rel for task in dict.fromkeys(tasks) for rel in JUDGE_CACHES.get(task, ())
              if (cfg.output_path / rel).exists()]
     if stale:
         raise EvalRunError(

@@ -116,6 +116,9 @@ class Router(nn.Module):
     fp32_buffers: ClassVar[tuple[str, ...]] = ()
     #: Submodules that never train (the hyper router's fixed hypernetwork): see :meth:`freeze_fixed`.
     fixed_submodules: ClassVar[tuple[str, ...]] = ()
+    #: The gate cannot learn from a zero init (its logits multiply two initialised factors, or
+    #: normalise the gate's rows), so ``init_std`` must be > 0.
+    needs_nonzero_init: ClassVar[bool] = False
     #: Options a subclass reads from ``**kw`` itself rather than as named ``__init__`` parameters
     #: (named ones are found by :func:`router_option_names`).
     extra_options: ClassVar[tuple[str, ...]] = ()
@@ -135,7 +138,8 @@ class Router(nn.Module):
         self.hidden_size = hidden_size = _check_positive_int("hidden_size", hidden_size)
         self.num_experts = num_experts = _check_positive_int("num_experts", num_experts)
         self.top_k = top_k = _check_positive_int("top_k", top_k)
-        self.init_std = _check_number("init_std", init_std)  # 0: a zero gate (uniform routing at first)
+        # 0: a zero gate (uniform routing at first), for the gates that can learn from it
+        self.init_std = _check_number(f"router '{self.name}' init_std", init_std, positive=self.needs_nonzero_init)
         self.seed = seed
         self.coefs = {
             "balance": _check_coef("balance_coef", self.default_balance_coef if balance_coef is None else balance_coef),

@@ -73,6 +73,8 @@ class CosineRouter(Router):
     over the k selected (p + b) values (LibMoE Cosine-R). theta = 0 here.
     """
 
+    needs_nonzero_init = True  # a zero gate row cannot be normalised (a ~1/eps gradient)
+
     theta: float = 0.0
 
     def __init__(self, hidden_size, num_experts, top_k, **kw):
@@ -108,6 +110,8 @@ class HyperRouter(Router):
     k(t) = round((k_max - k_min) * t / T) + k_min; the trainer reports t and T through
     :meth:`set_step`. Evaluation uses the configured ``top_k``.
     """
+
+    needs_nonzero_init = True  # a zero hypernetwork and embedding give each other zero gradients
 
     fixed_submodules = ("hypernet",)
 
@@ -163,6 +167,8 @@ class XMoERouter(Router):
     p = softmax, top-k, renormalised (LibMoE applies a second softmax over the k values,
     which departs from X-MoE; we do not).
     """
+
+    needs_nonzero_init = True  # zero projection and embeddings give each other zero gradients
 
     def __init__(self, hidden_size, num_experts, top_k, *, routing_dim: int | None = None, temperature: float = 0.3, **kw):
         super().__init__(hidden_size, num_experts, top_k, **kw)

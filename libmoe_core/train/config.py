@@ -318,12 +318,13 @@ def validate(cfg: TrainConfig) -> None:
 
     # an unknown router lists the known ones; the router's own checks run on a small copy of it,
     # with the model-wide sizes where a placement uses them (the llm placement's own ones below)
-    llm = cfg.moe_llm_layers if isinstance(cfg.moe_llm_layers, dict) else {}
-    model_wide_used = cfg.moe_vision or cfg.moe_projector or (bool(cfg.moe_llm_layers) and not llm)
+    llm_spec = isinstance(cfg.moe_llm_layers, dict)  # a placement dict ({} too: all layers, model-wide settings)
+    llm = cfg.moe_llm_layers if llm_spec else {}
+    model_wide_used = cfg.moe_vision or cfg.moe_projector or (bool(cfg.moe_llm_layers) and not llm_spec)
     sizes = dict(num_experts=cfg.num_experts, top_k=cfg.top_k) if model_wide_used else {}
     check_router_options(cfg.router, cfg.router_options, "router, router_options", **sizes,
                          balance_coef=cfg.balance_coef, z_coef=cfg.z_coef)
-    if llm:  # the llm placement's own router, options or sizes
+    if llm_spec:  # the llm placement's router, options and sizes, its own or inherited
         check_router_options(llm.get("router", cfg.router), placement_router_options(llm, cfg.router, cfg.router_options),
                              where="moe_llm_layers", num_experts=llm.get("num_experts", cfg.num_experts),
                              top_k=llm.get("top_k", cfg.top_k), balance_coef=llm.get("balance_coef", cfg.balance_coef),
