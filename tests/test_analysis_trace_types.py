@@ -142,20 +142,8 @@ def test_other_widths_and_layouts_of_the_schema_types_are_read(tmp_path):
     assert out["tokens"].iloc[0] == 4 and math.isnan(out["router_entropy"].iloc[0])
 
 
-def test_traces_of_the_kits_writers_still_read(tmp_path):
-    traces = pytest.importorskip("libmoe_core.evaluation.traces")
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.ones(4), size=6).astype(np.float32)
-    experts = np.argsort(-probs, axis=1)[:, :2]
-    weights = np.take_along_axis(probs, experts, 1)
-    with traces.TraceWriter(tmp_path / "t", rows_per_part=4) as w:
-        w.add_block("vqa", 0, "ck", "llm", 0, positions=np.arange(6), token_kinds="text", experts=experts,
-                    weights=weights / weights.sum(1, keepdims=True), probs=probs)
-        w.add_block("vqa", 0, "ck", "vision", 1, positions=np.arange(6), token_kinds="image", experts=experts,
-                    weights=weights, num_experts=4)  # probs not recorded: null lists
-    table = analyze(tmp_path / "t").set_index("placement")
-    assert table.loc["llm", "tokens"] == 6 and table.loc["vision", "tokens"] == 6
-    assert math.isnan(table.loc["vision", "router_entropy"]) and not math.isnan(table.loc["llm", "router_entropy"])
+def test_traces_of_write_trace_still_read(tmp_path):
+    # (the evaluation's TraceWriter, probs recorded or not: test_analysis_metrics.py)
     assert analyze(write_trace(_good(), tmp_path / "s.parquet"))["tokens"].iloc[0] == 4
 
 
