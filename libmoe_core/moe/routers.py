@@ -253,8 +253,9 @@ class SharedExpertRouter(Router):
 
 @register_router("shared_sigmoid", aliases=("smoe_sharev3",))
 class SharedSigmoidRouter(SharedExpertRouter):
-    """As ``shared``, with sigmoid scores for the routed experts (renormalised over the chosen;
-    ``normalize=False``: the scores themselves)."""
+    """As ``shared``, with sigmoid scores for the routed experts (renormalised; normalize=False: raw).
+
+    Renormalised over the chosen routed experts, or with ``normalize=False`` the scores themselves."""
 
     routed_bias = True
 
