@@ -132,6 +132,23 @@ def test_run_refuses_an_output_path_holding_an_earlier_runs_judge_answers(tmp_pa
         run_evaluation(tagged, env={"OPENAI_API_KEY": "sk-not-used", "PATH": os.environ.get("PATH", "")})
 
 
+def test_a_failed_run_keeps_the_earlier_runs_traces(tmp_path, monkeypatch):
+    """The earlier run's parts were deleted before lmms-eval ran; a run that then failed (a bad
+    placement, an unknown task) left none, its summary still pointing at them."""
+    from libmoe_core.evaluation import runner
+
+    cfg = _cfg(tmp_path, tasks=["pope"], return_id_experts=True)
+    cfg.trace_dir.mkdir(parents=True)
+    (cfg.trace_dir / "part-r0-00000.parquet").write_bytes(b"earlier run")
+    code = f"open({str(cfg.trace_dir / 'part-r0-00001.parquet')!r}, 'w').write('failed run'); raise SystemExit(3)"
+    monkeypatch.setattr(runner, "build_command", lambda cfg, include: [sys.executable, "-c", code])
+    with pytest.raises(runner.EvalRunError, match="exited with status 3"):
+        run_evaluation(cfg, overwrite_traces=True, stream=None, env=dict(os.environ))
+    assert [p.name for p in cfg.trace_dir.iterdir()] == ["part-r0-00000.parquet"]
+    assert (cfg.trace_dir / "part-r0-00000.parquet").read_bytes() == b"earlier run"
+    assert not (cfg.output_path / "traces.previous").exists()
+
+
 def test_interrupted_run_stops_lmms_eval(tmp_path, monkeypatch):
     # A notebook interrupt (KeyboardInterrupt) while the output streams: the evaluation process
     # is killed, not left running with nobody reading its output.

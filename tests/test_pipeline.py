@@ -181,3 +181,31 @@ def test_whole_pipeline_on_the_tiny_preset(tmp_path):
     # resumable: a third call skips every step
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, check=False)
     assert again.returncode == 0 and again.stdout.count("already complete, skipped") == 9
+
+
+def test_notebook_values_papermill_leaves_as_strings_are_refused_or_parsed(tmp_path, monkeypatch):
+    """papermill -p keeps "false" a string (which is true), and a one-item list a string: resume ran
+    as a resume, record_experts recorded, placements "vision" became ['v', 'i', ...]."""
+    from libmoe_core.pipeline import evaluate
+
+    with pytest.raises(ValueError, match="parameter 'resume' must be True or False, got 'false'"):
+        stage_config("pretrain", resume="false", runs_root=str(tmp_path))
+    with pytest.raises(ValueError, match="parameter 'run_name' must be a folder name, got ''"):
+        stage_config("pretrain", run_name="", runs_root=str(tmp_path))  # trained into runs/default
+    with pytest.raises(ValueError, match="sft needs at least one MoE placement"):  # failed after the launch
+        stage_config("sft", moe_vision=False, runs_root=str(tmp_path))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr("libmoe_core.evaluation.runner.run_evaluation", lambda cfg, **kw: seen.append(cfg) or 1 / 0)
+    with pytest.raises(ValueError, match="record_experts must be True or False, got 'false'"):
+        evaluate.run_eval_stage(model, tmp_path / "out", record_experts="false")
+    with pytest.raises(ZeroDivisionError):
+        evaluate.run_eval_stage(model, tmp_path / "out", placements="vision,llm", layers=1)
+    assert seen[-1].placements == ("vision", "llm") and seen[-1].layers == [1]
+    with pytest.raises(ValueError, match=r"placements / layers: unknown placement\(s\) \['decoder'\]"):
+        evaluate.run_eval_stage(model, tmp_path / "out", placements="decoder")
+    # a LibMoE alias names the folders the sft stage trained into (sft-sigmoid), as the pipeline does
+    assert evaluate.sft_model_dir(tmp_path, "smoe_sigmoidgating") == tmp_path / "sft-sigmoid" / "final"
+    assert evaluate.eval_dir(tmp_path, "smoe_sigmoidgating") == tmp_path / "eval-sigmoid"

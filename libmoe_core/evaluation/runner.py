@@ -16,10 +16,12 @@ Layout of ``<output_path>``::
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.util
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -171,17 +173,33 @@ def _check_lmms_eval_installed() -> None:
         )
 
 
-def _prepare_trace_dir(cfg: EvalConfig, overwrite: bool) -> None:
+@contextlib.contextmanager
+def _replacing_traces(cfg: EvalConfig, overwrite: bool):
+    """An earlier run's trace parts are set aside in ``traces.previous/`` for the run and deleted
+    when it succeeds; when it fails they come back and the failed run's parts go (a bad
+    parameter once cost the earlier run's traces, its summary still pointing at them)."""
     parts = sorted(cfg.trace_dir.glob("*.parquet")) if cfg.trace_dir.is_dir() else []
-    if not parts:
-        return
-    if not overwrite:
+    if parts and not overwrite:
         raise EvalRunError(
             f"{cfg.trace_dir} already holds routing traces from an earlier run ({len(parts)} parts); "
             "choose another --output-path or pass --overwrite-traces"
         )
-    for part in parts:
-        part.unlink()
+    aside = cfg.output_path / f"{TRACES_DIRNAME}.previous"
+    if parts:
+        aside.mkdir(exist_ok=True)
+        for part in parts:
+            part.replace(aside / part.name)
+    try:
+        yield
+    except BaseException:
+        if parts:
+            for new in cfg.trace_dir.glob("*.parquet"):
+                new.unlink()
+            for part in parts:
+                (aside / part.name).replace(part)
+            shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 #: Judge answers lmms-eval caches under its ``--output_path`` and reuses, unchecked, in a later run
@@ -230,8 +248,12 @@ def run_evaluation(
     _check_lmms_eval_installed()
     cfg.output_path.mkdir(parents=True, exist_ok=True)
     _check_judge_caches(cfg)
-    if cfg.return_id_experts:
-        _prepare_trace_dir(cfg, overwrite_traces)
+    with _replacing_traces(cfg, overwrite_traces) if cfg.return_id_experts else contextlib.nullcontext():
+        return _run_lmms_eval(cfg, offline, stream, tail_lines, base_env)
+
+
+def _run_lmms_eval(cfg: EvalConfig, offline: bool | None, stream: TextIO | None, tail_lines: int,
+                   base_env: Mapping[str, str]) -> EvalOutcome:
     include_path = prepare_local_tasks(cfg.local_tasks, cfg.tasks_dir)
     if offline is None:
         offline = len(cfg.local_tasks) == len(cfg.tasks)

@@ -13,7 +13,17 @@ QUESTION_TYPES = ("colour", "shape", "yesno")
 
 
 def eval_dir(run_dir: str | Path, router: str) -> Path:
-    return Path(run_dir) / f"eval-{router}"
+    """The evaluation folder of ``router`` (a LibMoE alias names the same folder) in a run."""
+    from ..moe import resolve_router_name
+
+    return Path(run_dir) / f"eval-{resolve_router_name(router)}"
+
+
+def sft_model_dir(run_dir: str | Path, router: str) -> Path:
+    """The final model the sft stage trained with ``router`` (its folder has our router name)."""
+    from ..moe import resolve_router_name
+
+    return Path(run_dir) / f"sft-{resolve_router_name(router)}" / "final"
 
 
 def run_eval_stage(model_path: str | Path, out_dir: str | Path, *, tasks=("easyvqa",), limit: int | None = None,
@@ -21,15 +31,24 @@ def run_eval_stage(model_path: str | Path, out_dir: str | Path, *, tasks=("easyv
                    checkpoint: str | None = None) -> dict:
     """Evaluate ``model_path``; writes ``eval_summary.json`` in ``out_dir`` and returns it."""
     from ..evaluation.benchmarks import expand_tasks
+    from ..evaluation.model_args import parse_int_list, parse_placements
     from ..evaluation.runner import EvalConfig, run_evaluation
+    from .notebook_params import as_list
 
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(f"model_path: no saved model in {model_path}; run the sft stage first")
+    if not isinstance(record_experts, bool):  # papermill -p keeps "false" a (true) string
+        raise ValueError(f"record_experts must be True or False, got {record_experts!r}")  # noqa: TRY004 (a parameter error)
+    try:  # -p placements llm / -p layers 1 arrive as a string / an int; -y gives lists
+        placements = parse_placements(",".join(as_list(placements))) if placements else None
+        layers = parse_int_list(layers)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"placements / layers: {err} (e.g. -p placements vision,llm -p layers '1 3')") from None
     task_list = expand_tasks(tasks if isinstance(tasks, str) else ",".join(tasks))
     cfg = EvalConfig(
         model_path=str(model_path), tasks=task_list, output_path=Path(out_dir), batch_size=batch_size, limit=limit,
-        return_id_experts=record_experts, layers=layers, placements=tuple(placements) if placements else None,
+        return_id_experts=record_experts, layers=layers, placements=placements,
         log_samples=True, extra_model_args={"checkpoint": checkpoint or checkpoint_label(model_path)},
     )
     outcome = run_evaluation(cfg, overwrite_traces=True, stream=None)

@@ -49,8 +49,10 @@ def stage_config(stage: str, **params) -> TrainConfig:
     moe = sorted(k for k in set(params) & MOE_PARAMETERS if params[k] is not None)
     if stage != "sft" and moe:
         raise ValueError(f"parameter(s) {moe} are for the sft stage (MoE); {stage} trains a dense model")
-    run_name = params.get("run_name") or "default"
-    if not isinstance(run_name, str) or "/" in run_name:
+    if not isinstance(params.get("resume", False), bool):  # papermill -p keeps "false" a (true) string
+        raise ValueError(f"parameter 'resume' must be True or False, got {params['resume']!r}")  # noqa: TRY004
+    run_name = params.get("run_name", "default")
+    if not isinstance(run_name, str) or not run_name or "/" in run_name:
         raise ValueError(f"parameter 'run_name' must be a folder name, got {run_name!r}")
     overrides = {"run_dir": str(Path(params.get("runs_root") or "runs") / run_name)}
     if params.get("stage_tag"):

@@ -311,6 +311,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ValueError(f"max_steps must be -1 (whole epochs) or > 0, got {cfg.max_steps!r}")
+    if cfg.stage == "sft" and not (cfg.moe_vision or cfg.moe_projector or cfg.moe_llm_layers not in (None, False, [])):
+        raise ValueError("sft needs at least one MoE placement: moe_vision, moe_projector or moe_llm_layers")
     if cfg.top_k > cfg.num_experts:
         raise ValueError(f"top_k={cfg.top_k} exceeds num_experts={cfg.num_experts}")
     from ..model.placement import placement_router_options

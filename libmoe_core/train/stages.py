@@ -110,7 +110,7 @@ def check_init_model(cfg: TrainConfig) -> str | None:
     if source is not None and not (Path(source) / "config.json").is_file():
         raise FileNotFoundError(
             f"{cfg.stage} starts from {source}, which holds no model: run the previous stage first "
-            f"or set init_from to a saved model folder"
+            f"or set init_from (the notebooks' input_model) to a saved model folder"
         )
     return source
 
