@@ -274,10 +274,11 @@ def _copy_unaligned_router_tensors(model: nn.Module) -> None:
     """Copy the routers' CPU parameters and buffers that start off a 64-byte boundary into fresh memory.
 
     A safetensors load leaves CPU weights as views into the memory-mapped file at arbitrary
-    offsets; BLAS's one-row (GEMV) kernels then sum in another order, so a one-token step
-    (decoding) of the reloaded model scored experts ~1e-7 apart from the saved one, which can flip
-    a near-tie, and the hyper router's generated gate always differed. Router weights are small;
-    the other weights stay shared with the file (their one-row results differ by ~4e-7, no more)."""
+    offsets; BLAS's one-row (GEMV) kernels then sum in another order. The hyper router's gate is
+    such a product of its own weights, so a reloaded model's routing differed on every input.
+    Copied, a router computes what the saved one did from the same input. Router weights are
+    small; the other weights stay shared with the file (copying them all doubled a large fp32
+    load's memory), so a one-token forward (decoding) can still differ by ~1e-6."""
     with torch.no_grad():
         for _, _, layer in placed_moe_layers(model):
             for tensor in (*layer.router.parameters(), *layer.router.buffers()):
