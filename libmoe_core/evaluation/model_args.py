@@ -137,7 +137,7 @@ def parse_batch_size(value: Any) -> int:
     """A positive integer batch size (``"8"``, ``8``); anything else is an error naming it."""
     text = str(value).strip()
     if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
-        raise ValueError(f"libmoe: batch_size must be a positive integer, got {value!r}")
+        raise ValueError(f"batch_size must be a positive integer, got {value!r}")
     return int(text)
 
 

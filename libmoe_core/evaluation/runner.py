@@ -32,7 +32,7 @@ from typing import Any, TextIO
 
 from .benchmarks import JUDGE_GROUPS, LOCAL_TASKS, check_judge_requirements
 from .local_tasks import prepare_local_tasks
-from .model_args import format_model_args
+from .model_args import format_model_args, parse_batch_size
 from .registration import MODEL_CLASSES, entry_point_registered
 from .results import MetricRow, find_results_file, load_results, results_rows
 
@@ -61,8 +61,7 @@ class EvalRunError(RuntimeError):
 def check_eval_options(batch_size, limit) -> None:
     """``batch_size`` a positive integer, ``limit`` None or > 0 (below 1: a fraction of each task's
     documents, as lmms-eval reads it); lmms-eval failed on them only after loading the model."""
-    if isinstance(batch_size, bool) or not str(batch_size).strip().isdigit() or int(str(batch_size)) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    parse_batch_size(batch_size)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
                               or not math.isfinite(limit) or limit <= 0):
         raise ValueError(f"limit must be None or > 0 (documents per task; below 1: a fraction of them), got {limit!r}")
