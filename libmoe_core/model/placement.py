@@ -155,7 +155,6 @@ def apply_placement(model, placement: str, spec: dict, *, noise: bool = True) ->
             seed=int(spec.get("seed") or 0) + PLACEMENT_SEED_OFFSET[placement] + i,
             **options,
         )
-        layer.router._libmoe_build = (spec["router"], spec["num_experts"], spec["top_k"], options)
         setattr(parent, attr, layer)
 
 
@@ -189,14 +188,7 @@ def placed_moe_layers(model) -> list[tuple[str, int, MoELayer]]:
 def restore_router_buffers(model) -> None:
     """Recompute routers' non-persistent buffers (a meta-device load leaves them uninitialised)."""
     for _, _, layer in placed_moe_layers(model):
-        router = layer.router
-        if not router._non_persistent_buffers_set:
-            continue
-        _, num_experts, top_k, options = router._libmoe_build
-        fresh = type(router)(router.hidden_size, num_experts, top_k, **options)
-        for buf in router._non_persistent_buffers_set:
-            value = getattr(fresh, buf)
-            setattr(router, buf, value.to(getattr(router, buf).device))
+        layer.router.reset_computed_buffers()
 
 
 def freeze_fixed_router_parts(model) -> None:

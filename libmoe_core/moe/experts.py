@@ -88,6 +88,15 @@ def expert_workers(x: torch.Tensor, counts: list[int]) -> int:
     return threads
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer on x in (None: autocast off, or x not one it casts)."""
+    device = x.device.type
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if x.is_floating_point() and x.dtype != torch.float64 else None  # autocast leaves fp64 alone
+
+
 _pool: tuple[int, int, concurrent.futures.ThreadPoolExecutor] | None = None  # (pid, workers, pool)
 
 
@@ -396,16 +405,26 @@ class Experts(nn.Module):
         return self.act(h)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: [S, in] sorted by expert, counts: [E] -> [S, out]."""
+        """x: [S, in] sorted by expert, counts: [E] -> [S, out]. Under autocast the products run
+        in its dtype, as an ``nn.Linear``'s would (autocast reaches neither ``out=`` products nor
+        ``torch._grouped_mm``, so the operands are cast here and autocast is off inside)."""
+        params = (self.w_in, self.b_in, self.w_out, self.b_out)
+        dtype = _autocast_dtype(x)
+        if dtype is None:
+            return self._run(x, counts, *params)
+        x, params = x.to(dtype), tuple(None if p is None else p.to(dtype) for p in params)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._run(x, counts, *params)
+
+    def _run(self, x, counts, w_in, b_in, w_out, b_out) -> torch.Tensor:
         impl = self.auto_impl(x, counts) if self.impl == "auto" else self.impl
         if impl == "loop":  # one expert at a time through the whole MLP
-            params = (x, self.w_in, self.b_in, self.w_out, self.b_out)
-            keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+            keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w_in, b_in, w_out, b_out))
             rows_per_expert = counts.tolist()
-            return _SegmentedMLP.apply(x.contiguous(), self.w_in, self.b_in, self.w_out, self.b_out, rows_per_expert,
+            return _SegmentedMLP.apply(x.contiguous(), w_in, b_in, w_out, b_out, rows_per_expert,
                                        self.activate, keep, expert_workers(x, rows_per_expert))
-        h = grouped_linear(x, self.w_in, counts, self.b_in, impl)  # [S, h or 2h]
-        return grouped_linear(self.activate(h), self.w_out, counts, self.b_out, impl)
+        h = grouped_linear(x, w_in, counts, b_in, impl)  # [S, h or 2h]
+        return grouped_linear(self.activate(h), w_out, counts, b_out, impl)
 
     def auto_impl(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> str:
         """What ``impl="auto"`` runs on x [S, in] split by ``counts``: ``torch._grouped_mm`` on CUDA

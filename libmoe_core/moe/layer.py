@@ -75,20 +75,27 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def combine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the combine weights and sums rows of ``dtype`` in: fp32, or fp64 for fp64 rows."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _WeightRows(torch.autograd.Function):
-    """``rows.float() * weights`` in fp32, saving ``rows`` in its own dtype for backward (autograd
-    would keep the fp32 copy: +2 bytes per element of a bf16 layer's [T*k, out] rows)."""
+    """``rows * weights`` in :func:`combine_dtype`, saving ``rows`` in its own dtype for backward
+    (autograd would keep the fp32 copy: +2 bytes per element of a bf16 layer's [T*k, out] rows)."""
 
     @staticmethod
     def forward(ctx, rows, weights):  # rows [N, out] any float dtype, weights [N, 1] fp32
         ctx.save_for_backward(rows, weights)
-        return rows.float() * weights
+        return rows.to(combine_dtype(rows.dtype)) * weights
 
     @staticmethod
-    def backward(ctx, grad):  # grad [N, out] fp32
+    def backward(ctx, grad):  # grad [N, out] in the combine dtype
         rows, weights = ctx.saved_tensors
         grad_rows = (grad * weights).to(rows.dtype) if ctx.needs_input_grad[0] else None
-        grad_weights = (grad * rows.float()).sum(-1, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_weights = (grad * rows.to(grad.dtype)).sum(-1, keepdim=True).to(weights.dtype)
         return grad_rows, grad_weights
 
 
@@ -117,8 +124,9 @@ def dispatch(
 ) -> torch.Tensor:  # [T, out]
     """Sort token-slots by expert, run the experts as one grouped product, combine weighted.
 
-    The combine (weighting and the sum over the k slots) runs in fp32 whatever the experts'
-    dtype, so right after upcycling a bf16 layer whose weights sum to 1 equals the dense MLP."""
+    The combine (weighting and the sum over the k slots) runs in fp32 (fp64 for fp64 experts)
+    whatever the experts' dtype, so right after upcycling a bf16 layer whose weights sum to 1
+    equals the dense MLP."""
     t, k = ffn_ids.shape
     e = experts.num_experts
     flat = ffn_ids.reshape(-1)  # [T*k]
@@ -138,7 +146,7 @@ def dispatch(
         rows = experts(x[order // k], counts[:e])  # [S', out]
         rows = _WeightRows.apply(rows, weights.reshape(-1)[order].unsqueeze(-1).float())
         per_slot = rows.new_zeros(t * k, rows.shape[-1]).index_copy(0, order, rows)
-    return per_slot.view(t, k, -1).sum(dim=1)  # fp32; the layer casts to the input's dtype once
+    return per_slot.view(t, k, -1).sum(dim=1)  # combine dtype; the layer casts to the input's dtype once
 
 
 class MoELayer(nn.Module):
@@ -174,6 +182,13 @@ class MoELayer(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.experts.num_experts
+
+    def __getstate__(self):
+        """Copies and pickles leave out ``last_routing``: the last call's routing is transient, and
+        its tensors are in that call's autograd graph, which ``copy.deepcopy`` refuses (an EMA or
+        SWA copy of a training model)."""
+        state = super().__getstate__()
+        return {**state, "last_routing": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.experts.in_features:
@@ -270,7 +285,10 @@ def moe_layers(model: nn.Module):
 
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum of the auxiliary losses of every MoE layer's last forward (None if there are none)."""
+    """Sum of the auxiliary losses of every MoE layer's last forward (None if there are none).
+
+    Under reentrant gradient checkpointing the layers run without grad and these carry no
+    gradient (the kit's VLM refuses that); use ``use_reentrant=False``."""
     losses = [m.last_routing.aux_loss for _, m in moe_layers(model) if m.last_routing is not None]
     return torch.stack(losses).sum() if losses else None
 

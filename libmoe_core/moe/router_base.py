@@ -151,6 +151,27 @@ class Router(nn.Module):
                 f"(num_experts={num_experts}); use top_k <= {self.num_choices}"
             )
 
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """The router's non-persistent buffers as a fresh build has them, computed from its sizes
+        (slot tables, load counters). Registered by :meth:`register_computed_buffers` and made
+        again after every state-dict load, as no checkpoint holds them (a layer built on the meta
+        device and then ``to_empty`` would otherwise keep uninitialised memory there)."""
+        return {}
+
+    def register_computed_buffers(self) -> None:
+        """Register :meth:`computed_buffers` (call at the end of a subclass's ``__init__``)."""
+        for name, value in self.computed_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def reset_computed_buffers(self) -> None:
+        """Overwrite the :meth:`computed_buffers` with fresh values, on the device they are on."""
+        for name, value in self.computed_buffers().items():
+            self._buffers[name] = value.to(self._buffers[name].device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.reset_computed_buffers()
+
     def freeze_fixed(self) -> None:
         """``requires_grad = False`` on the :attr:`fixed_submodules` (after building, after loading,
         and after a training stage makes everything else trainable)."""

@@ -282,10 +282,14 @@ class TCMoERouter(Router):
         with torch.no_grad():
             self.gate.bias[e : 2 * e] = -1.0
             self.gate.bias[2 * e :] = -10.0
-        ffn = torch.cat([torch.arange(e), torch.arange(e), torch.full((top_k,), -1)])
-        sign = torch.cat([torch.ones(e), -torch.ones(e), torch.zeros(top_k)])
-        self.register_buffer("slot_to_ffn", ffn, persistent=False)
-        self.register_buffer("slot_sign", sign, persistent=False)
+        self.register_computed_buffers()
+
+    def computed_buffers(self):
+        e, k = self.num_experts, self.top_k
+        return {
+            "slot_to_ffn": torch.cat([torch.arange(e), torch.arange(e), torch.full((k,), -1)]),  # [2E+k]
+            "slot_sign": torch.cat([torch.ones(e), -torch.ones(e), torch.zeros(k)]),  # [2E+k] fp32
+        }
 
     @property
     def num_slots(self) -> int:
@@ -335,8 +339,11 @@ class MoEPlusPlusRouter(Router):
         self.constant_gate = self.make_gate(2)
         self.constant_vector = nn.Parameter(torch.empty(hidden_size))
         self.reset_normal(self.constant_vector)
-        ffn = torch.cat([torch.arange(num_experts), torch.full((self.num_slots - num_experts,), -1)])
-        self.register_buffer("slot_to_ffn", ffn, persistent=False)
+        self.register_computed_buffers()
+
+    def computed_buffers(self):
+        e = self.num_experts
+        return {"slot_to_ffn": torch.cat([torch.arange(e), torch.full((self.num_slots - e,), -1)])}  # [S]
 
     @property
     def num_slots(self) -> int:
@@ -384,7 +391,11 @@ class AuxFreeRouter(Router):
         self.bias_update_rate = _check_coef("bias_update_rate", bias_update_rate)
         self.gate = self.make_gate(num_experts)
         self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))  # [E]
-        self.register_buffer("load_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)  # [E] exact
+        self.register_computed_buffers()
+
+    def computed_buffers(self):
+        # [E] exact token counts since the last bias update (zero after every optimiser step)
+        return {"load_counts": torch.zeros(self.num_experts, dtype=torch.long)}
 
     def scores(self, x):
         return F.linear(x, self.gate.weight.float())
