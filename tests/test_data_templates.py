@@ -200,3 +200,96 @@ def test_get_template_unknown_lists_names():
         get_template("vicuna")
     for name in available_templates():
         assert name in str(e.value)
+
+
+# -- added tokens that strip whitespace (real Phi-3 / Phi-3.5 tokenizers) -------------------------------------------
+# microsoft/Phi-3-mini-*-instruct and Phi-3.5-mini-instruct register these four with "rstrip": true in tokenizer.json,
+# so a fast tokenizer's offset for <|end|> also covers the "\n" turn separator after it.
+PHI3_RSTRIP_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+def strip_flagged_tokenizer(style, names, *, rstrip, lstrip=False, chat_template=None, bos="<s>", eos="</s>"):
+    """The kit's tiny tokenizer with ``rstrip``/``lstrip`` set on the added tokens ``names`` (as a hub
+    tokenizer.json sets them)."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(build_tiny_tokenizer(style).backend_tokenizer.to_str())
+    for added in spec["added_tokens"]:
+        if added["content"] in names:
+            added["rstrip"], added["lstrip"] = rstrip, lstrip
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
+                                  bos_token=bos, eos_token=eos, pad_token="<pad>")
+    tok.chat_template = chat_template
+    for name in names:  # the flags took
+        added = tok.added_tokens_decoder[tok.convert_tokens_to_ids(name)]
+        assert (added.rstrip, added.lstrip) == (rstrip, lstrip)
+    return tok
+
+
+def labelled_texts(tok, ids, labels):
+    return [tok.decode(run) for run in label_runs(ids, labels)]
+
+
+# hand-written: each assistant turn's labelled tokens, decoded. The leading space of " No. " is stripped into the
+# prompt's <|assistant|> token (rstrip), so it is not part of the answer's tokens.
+PHI3_EXPECTED_LABELLED = [
+    ["The shape is blue.<|end|>", "a rectangle<|end|>"],
+    ["a red circle<|end|>"],
+    ["No. <|end|>"],
+    ["no<|end|>"],
+    ["Yes.<|end|>"],
+]
+
+
+@pytest.mark.parametrize("name", ["phi3", "phi35"])
+@pytest.mark.parametrize("conv_index", range(len(CONVERSATIONS)))
+def test_phi3_rstrip_end_of_turn_is_labelled(style, name, conv_index):
+    """With Phi-3's rstrip flags, every answer's <|end|> is labelled (the model learns to stop)."""
+    jinja, bos, _ = OFFICIAL[name]
+    tok = strip_flagged_tokenizer(style, PHI3_RSTRIP_TOKENS, rstrip=True, chat_template=jinja, bos=bos,
+                                  eos="<|endoftext|>")
+    # the case under test: <|end|>'s offset reaches over the "\n" after it
+    assert tok("a<|end|>\nb", add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][1] == (1, 9)
+    conv = CONVERSATIONS[conv_index]
+    tpl = get_template(name)
+    ids, labels = tpl.render(conv, tok)
+    assert ids == tok.apply_chat_template(as_messages(conv), tokenize=True, return_dict=False)
+    assert labelled_texts(tok, ids, labels) == PHI3_EXPECTED_LABELLED[conv_index]
+    end = tok.convert_tokens_to_ids("<|end|>")
+    n_answers = sum(t["from"] == "gpt" for t in conv)
+    assert sum(1 for i, lab in zip(ids, labels) if i == end and lab != IGNORE_INDEX) == n_answers
+    assert labels[-1] == IGNORE_INDEX and ids[-1] == tok.convert_tokens_to_ids("<|endoftext|>")
+
+
+# conversations without edge whitespace in the answers, plus an all-whitespace answer
+STRIP_CONVERSATIONS = [
+    CONVERSATIONS[0], CONVERSATIONS[1], CONVERSATIONS[3], CONVERSATIONS[4],
+    [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}],
+]
+# hand-written answers (before the end-of-turn token) their labelled tokens decode to; the all-whitespace
+# answer's spaces are stripped into the end-of-turn token (lstrip)
+STRIP_EXPECTED_ANSWERS = [["The shape is blue.", "a rectangle"], ["a red circle"], ["no"], ["Yes."], [""]]
+
+
+@pytest.mark.parametrize(("rstrip", "lstrip"), [(True, True), (False, True)])
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_labels_with_whitespace_stripping_template_tokens(style, name, rstrip, lstrip):
+    """Every template special token stripping whitespace on its right and/or left: ids still equal
+    apply_chat_template, and each answer's labels are exactly the answer and its end-of-turn token."""
+    from libmoe_core.data.tiny_tokenizer import TEMPLATE_SPECIAL_TOKENS
+
+    jinja, bos, eot = OFFICIAL[name]
+    tok = strip_flagged_tokenizer(style, TEMPLATE_SPECIAL_TOKENS, rstrip=rstrip, lstrip=lstrip, chat_template=jinja,
+                                  bos=bos or "<s>", eos="<|endoftext|>" if name.startswith("phi3") else "</s>")
+    tpl = get_template(name)
+    for conv, answers in zip(STRIP_CONVERSATIONS, STRIP_EXPECTED_ANSWERS):
+        ids, labels = tpl.render(conv, tok)
+        assert ids == tok.apply_chat_template(as_messages(conv), tokenize=True, return_dict=False)
+        assert labelled_texts(tok, ids, labels) == [answer + eot for answer in answers], conv
+    # plain (pretraining) format with the same tokenizer
+    plain = [{"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "a green triangle"}]
+    ids, labels = get_template("plain").render(plain, tok)
+    assert labelled_texts(tok, ids, labels) == ["a green triangle\n"]

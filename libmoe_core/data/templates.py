@@ -191,10 +191,19 @@ class PlainTemplate(ConversationTemplate):
 
 
 def tokenize_segments(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
-    """Tokenise the joined text; label tokens lying fully inside an answer segment.
+    """Tokenise the joined text; label the tokens that start inside an answer segment.
 
     Fast tokenizers tokenise the whole text at once (ids identical to tokenising the
-    rendered string) and use character offsets; slow ones tokenise segment by segment.
+    rendered string) and use character offsets: a token is labelled when its start lies
+    inside an answer span (``a <= start < b``). An added token with ``rstrip`` (Phi-3's
+    ``<|end|>``, ``<|assistant|>``, ...) has an offset that also covers the whitespace it
+    strips, so the end-of-turn token reaches past the answer (over the ``\n`` turn
+    separator) and is still labelled. For an added token with ``lstrip`` that reaches into
+    an answer from before it, the start is where its own text begins, not the whitespace
+    it strips (an end-of-turn token after an empty or all-whitespace answer stays
+    labelled). Whitespace that a prompt-side token strips (the answer's leading spaces
+    after an ``rstrip`` ``<|assistant|>``) belongs to that token and is not labelled.
+    Slow tokenizers tokenise segment by segment.
     Raises ``ValueError`` if an answer ends up with no labelled token.
     """
     spans, pos = [], 0
@@ -208,11 +217,20 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer) -> tuple[list
         ids = list(enc["input_ids"])
         labels = [IGNORE_INDEX] * len(ids)
         hits = [0] * len(spans)
+        lstripped: dict[int, str] | None = None  # id -> text of the added tokens with lstrip, built on demand
         for k, (s, e) in enumerate(enc["offset_mapping"]):
             if e <= s:
                 continue
+            start = s
+            if any(s < a < e for a, _ in spans):  # reaches into an answer from before it
+                if lstripped is None:
+                    lstripped = _lstrip_added_tokens(tokenizer)
+                own = lstripped.get(ids[k])
+                at = full.find(own, s, e) if own else -1
+                if at >= 0:  # its own text, after the whitespace it strips
+                    start = at
             for j, (a, b) in enumerate(spans):
-                if a <= s and e <= b:
+                if a <= start < b:
                     labels[k] = ids[k]
                     hits[j] += 1
                     break
@@ -228,6 +246,12 @@ def tokenize_segments(segments: list[tuple[str, bool]], tokenizer) -> tuple[list
         if n == 0:
             raise ValueError(f"assistant answer {j} has no token of its own after tokenisation")
     return ids, labels
+
+
+def _lstrip_added_tokens(tokenizer) -> dict[int, str]:
+    """``{id: text}`` of the tokenizer's added tokens that strip the whitespace on their left."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {i: str(getattr(t, "content", t)) for i, t in added.items() if getattr(t, "lstrip", False)}
 
 
 _PHI3 = {
