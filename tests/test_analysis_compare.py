@@ -1,6 +1,9 @@
 """Switch rate, overlap and saturation between hand-made checkpoint traces."""
 
+import math
+
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from libmoe_core.analysis import TraceError, compare_checkpoints, trace_table, write_synthetic_trace, write_trace
@@ -119,3 +122,99 @@ def test_a_trace_without_image_and_crop_matches_a_new_one(tmp_path):
     for method in ("zip", "join"):
         df = compare_checkpoints([old, new], method=method).set_index("checkpoint")
         assert df.loc["s2", "matched"] == 4 and df.loc["s2", "switch_rate"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- against a plain-loop oracle
+
+
+def _random_trace(rng, name, layers, positions, tmp_path, task="t"):
+    """A shuffled trace of k=2 random choices over 4 experts; returns (path, {(layer, position): experts})."""
+    rows = {(layer, p): [int(x) for x in rng.permutation(4)[:2]] for layer in layers for p in positions}
+    keys = list(rows)
+    order = rng.permutation(len(keys))
+    keys = [keys[i] for i in order]
+    table = pa.concat_tables([trace_table([rows[key]], num_experts=4, checkpoint=name, layer=key[0], position=key[1],
+                                          task=task) for key in keys])
+    return write_trace(table, tmp_path / f"{name}.parquet"), rows
+
+
+def _oracle(a: dict, b: dict, layer: int) -> tuple[int, float, float]:
+    """(matched, switch rate, overlap) of the tokens of ``layer`` in both ``a`` and ``b``, by plain loops."""
+    matched = switched = shared = slots = 0
+    for key, later in b.items():
+        if key[0] != layer or key not in a:
+            continue
+        earlier = a[key]
+        matched += 1
+        slots += len(later)
+        switched += sum(x != y for x, y in zip(earlier, later))
+        shared += len(set(earlier) & set(later))
+    return (matched, switched / slots, shared / slots) if matched else (0, math.nan, math.nan)
+
+
+def _check_against_oracle(df, names, rows):
+    for i, name in enumerate(names):
+        for layer in sorted({key[0] for r in rows for key in r}):
+            got = _row_of(df, name, layer)
+            if i:
+                matched, sw, ov = _oracle(rows[i - 1], rows[i], layer)
+                assert got["matched"] == matched, (name, layer)
+                assert got["switch_rate"] == pytest.approx(sw, nan_ok=True), (name, layer)
+                assert got["overlap"] == pytest.approx(ov, nan_ok=True), (name, layer)
+            n_final, _, sat = _oracle(rows[i], rows[-1], layer)
+            assert got["matched_final"] == n_final, (name, layer)
+            assert got["saturation"] == pytest.approx(sat, nan_ok=True), (name, layer)
+
+
+def _row_of(df, checkpoint, layer):
+    sel = df[(df["checkpoint"] == checkpoint) & (df["layer"] == layer)]
+    assert len(sel) == 1, (checkpoint, layer)
+    return sel.iloc[0]
+
+
+@pytest.mark.parametrize("method", ["auto", "join"])
+def test_switch_rate_between_earlier_traces_counts_the_tokens_the_final_lacks(tmp_path, method):
+    """Before: each earlier trace was joined onto the final's rows, so c0 -> c1 counted only the
+    tokens that the final trace (a shorter generation) also has."""
+    rng = np.random.default_rng(0)
+    names = ["c0", "c1", "c2"]
+    positions = [range(30), range(5, 40), range(10, 20)]  # the final holds few of the tokens
+    made = [_random_trace(rng, n, [0, 1], p, tmp_path) for n, p in zip(names, positions)]
+    df = compare_checkpoints([p for p, _ in made], method=method)
+    got, rows = _row_of(df, "c1", 0), [r for _, r in made]
+    assert (got["matched"], got["switch_rate"]) == pytest.approx(_oracle(rows[0], rows[1], 0)[:2])
+    assert got["matched"] == 25  # positions 5..29, not the 10 the final has
+    _check_against_oracle(df, names, rows)
+
+
+@pytest.mark.parametrize("method", ["auto", "join"])
+def test_a_layer_the_final_trace_lacks_is_compared_not_dropped(tmp_path, method):
+    """Before: only the final trace's (placement, layer) were compared; layer 1, missing from the
+    final trace, vanished from the result without a word."""
+    rng = np.random.default_rng(1)
+    names = ["c0", "c1", "c2"]
+    layers = [[0, 1], [0, 1], [0]]
+    made = [_random_trace(rng, n, ls, range(12), tmp_path) for n, ls in zip(names, layers)]
+    df = compare_checkpoints([p for p, _ in made], method=method)
+    got = _row_of(df, "c1", 1)
+    assert got["matched"] == 12 and not math.isnan(got["switch_rate"]) and math.isnan(got["saturation"])
+    _check_against_oracle(df, names, [r for _, r in made])
+
+
+@pytest.mark.parametrize("method", ["auto", "zip", "join"])
+def test_duplicate_keys_are_errors_on_every_path(tmp_path, method):
+    """Before: the zip path (the default's first try) compared a token written twice without a word."""
+    paths = [write_trace(trace_table([[0], [c]], num_experts=4, checkpoint=f"s{c}", position=[0, 0]),
+                         tmp_path / f"s{c}.parquet") for c in (1, 2)]
+    with pytest.raises(TraceError, match="several rows share one") as err:
+        compare_checkpoints(paths, method=method)
+    assert paths[0] in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["zip", "join"])
+def test_compare_errors_name_the_trace_files(tmp_path, method):
+    a = write_trace(trace_table([[0, 1], [1, 2]], num_experts=4, checkpoint="s1"), tmp_path / "k2.parquet")
+    b = write_trace(trace_table([[0], [1]], num_experts=4, checkpoint="s2"), tmp_path / "k1.parquet")
+    with pytest.raises(TraceError, match="top-k differs") as err:
+        compare_checkpoints([a, b], method=method)
+    assert a in str(err.value) and b in str(err.value)

@@ -335,3 +335,61 @@ def test_max_load_bars_mark_each_layers_threshold(tmp_path):
     fig = plots.max_load_bars(table, 1.8)
     assert [float(s[0][1]) for s in fig.axes[0].collections[0].get_segments()] == [1.8, 1.8]
     plt.close("all")
+
+
+def _plotted(ax) -> dict:
+    """{x: y} of the first line of ``ax``."""
+    line = ax.lines[0]
+    return {float(x): float(y) for x, y in zip(line.get_xdata(), line.get_ydata())}
+
+
+def test_plots_of_a_grouped_table_show_the_layers_own_values_or_refuse(tmp_path):
+    """Before: the plotted layer value of a table grouped by task averaged the tasks' values: by
+    tokens for router entropy (counting a task without probs as 0), unweighted for the switch
+    rate, and for distribution metrics (top-1 entropy, max load) that cannot be averaged at all."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+    from libmoe_core.analysis import plots
+
+    # one checkpoint, layer 0, E=4, k=1: task a uniform probs, task b no probs, task c one-hot probs
+    a = trace_table([[0]] * 10, probs=[[0.25] * 4] * 10, num_experts=4, task="a")
+    b = trace_table([[1]] * 10, probs=[[0.25] * 4] * 10, num_experts=4, task="b")
+    b = b.set_column(b.schema.get_field_index("probs"), "probs", pa.nulls(10, pa.list_(pa.float32())))
+    c = trace_table([[2]] * 20, probs=[[0, 0, 1, 0]] * 20, num_experts=4, task="c")
+    path = write_trace(pa.concat_tables([a, b, c]), tmp_path / "t.parquet")
+    entropies = [-sum(p * math.log(p) for p in row if p > 0) / math.log(4)
+                 for part in (a, c) for row in part.column("probs").to_pylist()]
+    by_task = analyze(path, by="task")
+    fig = plots.entropy_curves(by_task, metrics=("router_entropy_norm", "margin"))
+    assert _plotted(fig.axes[0]) == pytest.approx({0.0: sum(entropies) / len(entropies)})  # 1/3
+    assert _plotted(fig.axes[1]) == pytest.approx({0.0: 1.0})
+    with pytest.raises(ValueError, match="top1_entropy_norm .* by=None"):
+        plots.entropy_curves(by_task)
+    with pytest.raises(ValueError, match="max_load_ratio"):
+        plots.metric_over_checkpoints(by_task, "max_load_ratio")
+    assert _plotted(plots.entropy_curves(analyze(path), metrics=("top1_entropy_norm",)).axes[0]) == pytest.approx(
+        {0.0: -sum(p * math.log(p) for p in (0.25, 0.25, 0.5)) / math.log(4)})  # a by=None table plots as before
+
+    # three checkpoints, {(task, position): expert}; the final lacks most tokens
+    runs = {"c0": {**{("a", p): 0 for p in range(10)}, **{("b", p): 2 for p in range(30)}},
+            "c1": {**{("a", p): 1 for p in range(10)}, **{("b", p): 2 for p in range(30)}},
+            "c2": {**{("a", p): 1 for p in range(5)}, **{("b", p): 3 for p in range(10)}}}
+    paths = []
+    for name, rows in runs.items():
+        keys = list(rows)
+        table = trace_table([[rows[k]] for k in keys], num_experts=4, checkpoint=name, task=[k[0] for k in keys],
+                            position=[k[1] for k in keys])
+        paths.append(write_trace(table, tmp_path / f"{name}.parquet"))
+
+    def agreement(x, y):  # share of the tokens of both x and y routed alike (k = 1)
+        common = [key for key in y if key in x]
+        return sum(x[key] == y[key] for key in common) / len(common)
+
+    names = list(runs)
+    fig = plots.switch_rate_curves(analyze(paths, by="task"))
+    switch = {float(i): 1 - agreement(runs[names[i - 1]], runs[names[i]]) for i in (1, 2)}
+    saturation = {float(i): agreement(runs[n], runs["c2"]) for i, n in enumerate(names)}
+    assert {x: y for x, y in _plotted(fig.axes[0]).items() if not math.isnan(y)} == pytest.approx(switch)
+    assert _plotted(fig.axes[1]) == pytest.approx(saturation)  # c1: 1/3 (weighting by `matched` gives 1/4)

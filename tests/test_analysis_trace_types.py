@@ -161,3 +161,29 @@ def test_cli_reports_bad_traces_as_usage_errors(tmp_path, capsys, column, array,
     err = capsys.readouterr().err
     assert err.startswith("libmoe analyze: error: trace file ") and path in err and message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("column", "array", "message"),
+    [
+        ("experts", pa.array([[0, 1], [1, None], [2, 3], [3, 0]], pa.list_(pa.int32())), "column experts has 1 null item"),
+        ("experts", pa.array([[0, 1], None, [2, 3], [3, 0]], pa.list_(pa.int32())), "column experts has 1 null value"),
+        ("weights", pa.array([[0.5, 0.5], None, None, [0.5, 0.5]], pa.list_(pa.float32())), "column weights has 2 null value"),
+        ("task", pa.array(["a", None, "a", "a"]), "column task has 1 null value"),
+        ("num_experts", pa.array([4, 4, None, 4], pa.int32()), "column num_experts has 1 null value"),
+        ("layer", pa.array([0, None, 0, 0], pa.int32()), "column layer has 1 null value"),
+    ],
+)
+def test_null_values_are_a_trace_error_naming_the_part_file(tmp_path, column, array, message):
+    """Before: the error came from the column helpers and named the column but not the file."""
+    d = tmp_path / "trace"
+    d.mkdir()
+    for j in range(3):
+        pq.write_table(_with(_good(), column, array) if j == 1 else _good(), d / f"part-{j}.parquet")
+    with pytest.raises(TraceError, match=message) as err:
+        analyze(d)
+    assert str(d / "part-1.parquet") in str(err.value)
+    if column != "weights":  # the comparison does not read the weights
+        with pytest.raises(TraceError, match=message) as err:
+            analyze([str(d / "part-0.parquet"), str(d)], method="join")
+        assert str(d / "part-1.parquet") in str(err.value)

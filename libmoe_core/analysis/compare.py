@@ -5,11 +5,12 @@ position, token_kind). Two streaming strategies, both with bounded memory:
 
 * ``zip`` (fast path): traces of the same documents written in the same order are
   read side by side, re-chunked to equal lengths, and every chunk's keys are checked
-  to be equal before comparing.
+  to be equal (and distinct within the chunk) before comparing.
 * ``join`` (any row order): each trace is split in one streaming pass into one
-  temporary Parquet file per (placement, layer); then, partition by partition, every
-  trace's keys are hash-joined (pyarrow) with the final trace's. Memory: one
-  partition of every trace at a time.
+  temporary Parquet file per (placement, layer); then, for every partition present in
+  any trace, each trace's keys are checked distinct and hash-joined (pyarrow) with the
+  previous trace's (switch rate, overlap) and the final trace's (saturation). Memory:
+  one partition of every trace at a time.
 
 ``method="auto"`` tries ``zip`` and falls back to ``join`` at the first mismatch.
 
@@ -95,22 +96,14 @@ class _Comparison:
         self.final = [_Sums() for _ in range(n_traces)]  # final[i]: trace i vs the last trace
         self.labels: list[set] = [set() for _ in range(n_traces)]
 
-    def add(self, gid, mats: list[np.ndarray], where: str, valid: list[np.ndarray] | None = None) -> None:
-        """mats[i]: experts [n, k] of trace i for the same n tokens (valid[i]: rows present)."""
+    def add(self, gid, mats: list[np.ndarray], paths: Sequence[str]) -> None:
+        """mats[i]: experts [n, k] of trace ``paths[i]`` for the same n tokens (row-aligned traces)."""
         g = len(self.groups)
         last = len(mats) - 1
         for i in range(len(mats)):
             if i > 0:
-                ok = None if valid is None else valid[i - 1] & valid[i]
-                self._add(self.prev[i], gid, g, mats[i - 1], mats[i], ok, where)
-            ok = None if valid is None else valid[i] & valid[last]
-            self._add(self.final[i], gid, g, mats[i], mats[last], ok, where)
-
-    @staticmethod
-    def _add(sums, gid, g, a, b, ok, where):
-        if ok is not None:
-            gid, a, b = gid[ok], a[ok], b[ok]
-        sums.add(gid, g, a, b, where)
+                self.prev[i].add(gid, g, mats[i - 1], mats[i], f"{paths[i - 1]} vs {paths[i]}")
+            self.final[i].add(gid, g, mats[i], mats[last], f"{paths[i]} vs {paths[last]}")
 
     def frame(self, paths: Sequence[str]):
         import pandas as pd
@@ -128,8 +121,8 @@ class _Comparison:
             n_fin, _, sat = self.final[i].rates(g)
             for j, key in enumerate(self.groups.keys):
                 row = {"trace": os.fspath(path), "checkpoint": label, **dict(zip(self.groups.names, key))}
-                row.update(matched=int(n_prev[j]) if i else int(n_fin[j]), switch_rate=float(sw[j]),
-                           overlap=float(ov[j]), saturation=float(sat[j]))
+                row.update(matched=int(n_prev[j]) if i else int(n_fin[j]), matched_final=int(n_fin[j]),
+                           switch_rate=float(sw[j]), overlap=float(ov[j]), saturation=float(sat[j]))
                 records.append(row)
         df = pd.DataFrame.from_records(records)
         order = {os.fspath(p): i for i, p in enumerate(paths)}
@@ -162,19 +155,48 @@ def _aligned_chunks(paths, batch_rows):
         pos = [p + m for p in pos]
 
 
+def _repeats(keys: list[np.ndarray]) -> int:
+    """How many rows repeat the key of an earlier row (keys: one integer array per key column).
+
+    One sort of a 64-bit hash of the keys; only when two hashes are equal are the keys sorted and
+    compared exactly.
+    """
+    if len(keys[0]) < 2:
+        return 0
+    h = np.zeros(len(keys[0]), np.uint64)
+    for k in keys:
+        h = h * np.uint64(0x9E3779B97F4A7C15) + k.astype(np.uint64)  # wraps around
+    h.sort()
+    if not (h[1:] == h[:-1]).any():
+        return 0
+    order = np.lexsort(keys)
+    same = np.ones(len(order) - 1, bool)
+    for k in keys:
+        s = k[order]
+        same &= s[1:] == s[:-1]
+    return int(same.sum())
+
+
 def _compare_zip(paths, by, batch_rows) -> _Comparison:
     comp = _Comparison(len(paths), by)
     strings = {c: StringIds() for c in _STRING_KEYS}
     for chunks in _aligned_chunks(paths, batch_rows):
         ref = chunks[-1]
+        keys = []
         for name in _INT_KEYS:
             want = ints(ref.column(name), name)
             if any(not np.array_equal(ints(c.column(name), name), want) for c in chunks[:-1]):
                 raise _Mismatch(name)
+            keys.append(want)
         for name in _STRING_KEYS:
             want = strings[name].encode(ref.column(name), name)
             if any(not np.array_equal(strings[name].encode(c.column(name), name), want) for c in chunks[:-1]):
                 raise _Mismatch(name)
+            keys.append(want)
+        repeated = _repeats(keys)  # within the chunk (the keys are equal in every trace)
+        if repeated:
+            raise TraceError(f"{', '.join(paths)}: several rows share one ({', '.join(JOIN_KEYS)}) "
+                             f"({repeated} repeated row(s))")
         mats = [list_matrix(c.column("experts"), "experts") for c in chunks]
         if any(m is None for m in mats):
             raise _Mismatch("experts of different lengths within a chunk")
@@ -182,7 +204,7 @@ def _compare_zip(paths, by, batch_rows) -> _Comparison:
             local, dictionary = codes(c.column("checkpoint"), "checkpoint")
             comp.labels[i].update(dictionary[j] for j in np.unique(local))
         gid = comp.groups.encode(ref)
-        comp.add(gid, mats, where=os.fspath(paths[-1]))
+        comp.add(gid, mats, paths)
     return comp
 
 
@@ -220,57 +242,53 @@ def _plain_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in schema])
 
 
-def _join_rows(left: pa.Table, right: pa.Table, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (into left, into right) of the rows with equal join keys."""
-    keys = ["task", "doc_id", "image", "crop", "position", "token_kind"]
-    lt = left.select(keys).append_column("_l", pa.array(np.arange(left.num_rows)))
-    rt = right.select(keys).append_column("_r", pa.array(np.arange(right.num_rows)))
-    joined = lt.join(rt, keys=keys, join_type="inner")
-    li = joined.column("_l").to_numpy()
-    ri = joined.column("_r").to_numpy()
-    if len(np.unique(li)) != len(li) or len(np.unique(ri)) != len(ri):
-        raise TraceError(f"{where}: several rows share one ({', '.join(JOIN_KEYS)})")
-    return li, ri
+_TOKEN_KEYS = ["task", "doc_id", "image", "crop", "position", "token_kind"]  # JOIN_KEYS within one partition
+
+
+def _check_unique(table: pa.Table, where: str) -> None:
+    """Duplicate join keys within one (placement, layer) partition are an error."""
+    distinct = table.select(_TOKEN_KEYS).group_by(_TOKEN_KEYS).aggregate([]).num_rows
+    if distinct != table.num_rows:
+        raise TraceError(f"{where}: several rows share one ({', '.join(JOIN_KEYS)}) "
+                         f"({table.num_rows - distinct} repeated row(s))")
+
+
+def _join_rows(left: pa.Table, right: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (into left, into right) of the rows with equal join keys (keys unique in each)."""
+    lt = left.select(_TOKEN_KEYS).append_column("_l", pa.array(np.arange(left.num_rows)))
+    rt = right.select(_TOKEN_KEYS).append_column("_r", pa.array(np.arange(right.num_rows)))
+    joined = lt.join(rt, keys=_TOKEN_KEYS, join_type="inner")
+    return joined.column("_l").to_numpy(), joined.column("_r").to_numpy()
 
 
 def _compare_join(paths, by, batch_rows, tmp_dir=None) -> _Comparison:
+    """Partition every trace by (placement, layer); per partition present in any trace, join each
+    trace with the previous one (switch rate, overlap) and with the final one (saturation)."""
     comp = _Comparison(len(paths), by)
+    last = len(paths) - 1
     with tempfile.TemporaryDirectory(prefix="libmoe-compare-", dir=tmp_dir) as tmp:
         parts = [_partition(p, tmp, i, batch_rows) for i, p in enumerate(paths)]
-        last = len(paths) - 1
-        for key, final_file in parts[last].items():
-            final = pq.read_table(final_file)
-            n = final.num_rows
-            mats, valid = [], []
-            for i in range(len(paths)):
-                where = f"{os.fspath(paths[i])} placement={key[0]} layer={key[1]}"
-                if key not in parts[i]:
-                    mats.append(None)
-                    valid.append(np.zeros(n, bool))
+        for key in dict.fromkeys(k for part in parts for k in part):  # union of the keys, first seen first
+            at = f"placement={key[0]} layer={key[1]}"
+            data = {}  # trace index -> (experts [n, k], group ids [n], table)
+            for i, part in enumerate(parts):
+                if key not in part:
                     continue
-                table = final if i == last else pq.read_table(parts[i][key])
+                table = pq.read_table(part[key]).combine_chunks()
+                where = f"{paths[i]} {at}"
+                _check_unique(table, where)
                 comp.labels[i].update(pc.unique(table.column("checkpoint")).to_pylist())
                 experts = list_matrix(table.column("experts").combine_chunks(), "experts")
                 if experts is None:
                     raise TraceError(f"{where}: tokens with different numbers of experts")
-                if i == last:
-                    mats.append(experts)
-                    valid.append(np.ones(n, bool))
-                    continue
-                li, ri = _join_rows(table, final, where)
-                aligned = np.zeros((n, experts.shape[1]), experts.dtype)
-                aligned[ri] = experts[li]
-                ok = np.zeros(n, bool)
-                ok[ri] = True
-                mats.append(aligned)
-                valid.append(ok)
-            k = mats[last].shape[1]
-            mats = [np.zeros((n, k), np.int32) if m is None else m for m in mats]
-            batch = final.combine_chunks().to_batches()[0] if n else None
-            if batch is None:
-                continue
-            gid = comp.groups.encode(batch)
-            comp.add(gid, mats, where=f"placement={key[0]} layer={key[1]}", valid=valid)
+                gid = comp.groups.encode(table.to_batches()[0]) if table.num_rows else np.zeros(0, np.int64)
+                data[i] = experts, gid, table
+            pairs = [(comp.prev[i], i - 1, i) for i in range(1, len(paths))] + [(comp.final[i], i, last) for i in range(len(paths))]
+            for sums, a, b in pairs:
+                if a in data and b in data:
+                    (ea, _, ta), (eb, gid, tb) = data[a], data[b]
+                    li, ri = (np.arange(tb.num_rows),) * 2 if a == b else _join_rows(ta, tb)
+                    sums.add(gid[ri], len(comp.groups), ea[li], eb[ri], f"{paths[a]} vs {paths[b]} {at}")
     return comp
 
 
@@ -286,10 +304,12 @@ def compare_checkpoints(
 ):
     """Compare the traces of successive checkpoints (oldest first, final last).
 
-    Returns a DataFrame with one row per (trace, placement, layer[, by]): ``trace``,
-    ``checkpoint``, the key, ``matched`` (tokens compared), ``switch_rate`` and
-    ``overlap`` against the previous trace (NaN for the first) and ``saturation``
-    against the final trace (1 for the final itself).
+    Returns a DataFrame with one row per (trace, placement, layer[, by]) present in any
+    trace: ``trace``, ``checkpoint``, the key, ``matched`` (tokens compared with the
+    previous trace; for the first, with the final), ``matched_final`` (tokens compared
+    with the final trace), ``switch_rate`` and ``overlap`` against the previous trace
+    (NaN for the first) and ``saturation`` against the final trace (1 for the final
+    itself). A rate over no matched tokens is NaN.
     """
     check_by(by)
     if method not in METHODS:

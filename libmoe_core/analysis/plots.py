@@ -36,16 +36,44 @@ def save_figure(fig, out_dir: str | os.PathLike, name: str, dpi: int = 110) -> s
     return path
 
 
-def token_weighted(table, keys: list[str], metrics: list[str], weight: str = "tokens"):
-    """One row per ``keys`` with each metric averaged over its rows weighted by ``weight``: a table
-    grouped by task has several rows per layer, which a line plot would average unweighted."""
+#: The metrics that are averages over a group's tokens, with the column counting those tokens: a
+#: layer's value is the count-weighted mean of its groups' values. Other metrics (load shares,
+#: top-1 entropy, mutual information...) are computed from a layer's pooled counts and cannot be
+#: recovered from per-task or per-token-kind rows.
+POOLED_WEIGHTS = {
+    "topk_weight_entropy": "tokens", "margin": "tokens", "router_entropy": "prob_rows",
+    "router_entropy_norm": "prob_rows", "switch_rate": "matched", "overlap": "matched",
+    "saturation": "matched_final",
+}
+
+
+def layer_values(table, keys: list[str], metrics: list[str]):
+    """One row per ``keys`` with each metric of its rows pooled as the layer's value.
+
+    A table grouped by task or token kind has several rows per layer; each metric of
+    :data:`POOLED_WEIGHTS` is then the mean of the rows' values weighted by their token count (NaN
+    where no row counts a token or a counted row's value is NaN); any other metric is an error
+    (plot a table analysed with by=None).
+    """
     import pandas as pd
 
-    if weight not in table.columns or not table.duplicated(keys).any():
+    if not table.duplicated(keys).any():
         return table
-    w = table[weight].astype(float)
     groups = [table[k] for k in keys]
-    parts = {m: (table[m] * w).groupby(groups).sum() / w.groupby(groups).sum() for m in metrics}
+    parts = {}
+    for m in metrics:
+        weight = POOLED_WEIGHTS.get(m)
+        if weight is None or weight not in table.columns:
+            need = f"its '{weight}' column" if weight else "the layer's pooled counts"
+            raise ValueError(f"{m} of a layer cannot be computed from the table's several rows per "
+                             f"({', '.join(keys)}) (grouped by task or token kind): it needs {need}; "
+                             "plot a table analysed with by=None")
+        w = table[weight].astype(float)
+        counted = w > 0  # a row without tokens has a NaN value that does not count
+        total = w.groupby(groups).sum()
+        pooled = (table[m].where(counted, 0.0) * w).groupby(groups).sum() / total.where(total > 0)
+        undefined = (counted & table[m].isna()).groupby(groups).any()  # e.g. no switch rate for the first trace
+        parts[m] = pooled.where(~undefined)
     return pd.DataFrame(parts).reset_index()
 
 
@@ -54,7 +82,7 @@ def entropy_curves(table, metrics=("router_entropy_norm", "top1_entropy_norm", "
     """Per-layer curves of entropy-type metrics, one panel per metric, one line per ``hue``."""
     plt, sns = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    table = token_weighted(table, [k for k in ("layer", hue, style) if k], list(metrics))
+    table = layer_values(table, [k for k in ("layer", hue, style) if k], list(metrics))
     for ax, metric in zip(axes[0], metrics):
         sns.lineplot(data=table, x="layer", y=metric, hue=hue, style=style, marker="o", ax=ax, errorbar=None)
         ax.set_title(metric)
@@ -141,7 +169,7 @@ def _checkpoint_panel(ax, part, order, metric: str, hue: str, title: str) -> Non
     """One line plot of ``metric`` over checkpoints (x in ``order``), one line per ``hue`` value."""
     _, sns = _plt()
     part = part.assign(step=part["checkpoint"].map({c: i for i, c in enumerate(order)}))
-    part = token_weighted(part, ["step", hue], [metric], weight="matched")
+    part = layer_values(part, ["step", hue], [metric])
     sns.lineplot(data=part, x="step", y=metric, hue=hue, marker="o", ax=ax, errorbar=None, palette="crest")
     ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
     ax.set_xlabel("checkpoint")
@@ -167,7 +195,7 @@ def router_comparison(tables: dict, metric: str = "router_entropy_norm"):
     plt, sns = _plt()
     fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.4), sharey=True, squeeze=False)
     for ax, (name, table) in zip(axes[0], tables.items()):
-        table = token_weighted(table, ["layer", "placement"], [metric])
+        table = layer_values(table, ["layer", "placement"], [metric])
         sns.lineplot(data=table, x="layer", y=metric, hue="placement", marker="o", ax=ax, errorbar=None)
         ax.set_title(str(name))
         _integer_x(ax)

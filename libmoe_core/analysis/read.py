@@ -167,6 +167,21 @@ def _nonfinite_error(file: str, name: str) -> TraceError:
     )
 
 
+def _check_nulls(file: str, name: str, array: pa.Array, row: int) -> None:
+    """Nulls (and null ids inside ``experts`` lists) are errors naming the file, the column and the
+    rows (``row``: the file row of ``array[0]``); ``probs`` may be null."""
+    if name in _NULLABLE:
+        return
+    rows = f"rows {row}-{row + len(array) - 1}"
+    if array.null_count:
+        raise TraceError(f"trace file {file}: column {name} has {array.null_count} null value(s) in {rows}; "
+                         "only probs may be null")
+    if name not in _FINITE_COLUMNS and _type_kind(array.type) == "list<integer>":  # float items: the finite check
+        items = array.flatten().null_count
+        if items:
+            raise TraceError(f"trace file {file}: column {name} has {items} null item(s) inside its lists in {rows}")
+
+
 def columns_to_read(columns: Sequence[str], available: Sequence[str]) -> list[str]:
     """What to read from a file with ``available`` columns to give ``columns``: the present ones,
     plus ``token_kind`` when a missing ``image`` is to be filled in from it."""
@@ -208,13 +223,17 @@ def _file_batches(files: list[str], columns: list[str], batch_rows: int) -> Iter
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
         present = columns_to_read(columns, pf.schema_arrow.names)
         finite = [c for c in _FINITE_COLUMNS if c in present]
+        row = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=True):
                 if batch.num_rows:
+                    for c in present:
+                        _check_nulls(f, c, batch.column(c), row)
                     for c in finite:
                         if _nonfinite_items(batch.column(c), c):
                             raise _nonfinite_error(f, c)
                     yield with_legacy_columns(batch, columns)
+                row += batch.num_rows
         except (pa.ArrowException, OSError) as exc:
             raise TraceError(f"trace file {f} is unreadable (truncated or corrupt?): {exc}") from exc
         finally:

@@ -45,9 +45,10 @@ def analyze(
     """Metrics of every (trace, checkpoint, placement, layer[, by]) as a DataFrame.
 
     Columns: ``trace`` and the group key, every metric of
-    :meth:`RoutingStats.group_metrics`, ``alarm`` (collapse reasons) and, when
-    ``compare`` (default: two or more traces), ``switch_rate``, ``overlap``,
-    ``saturation`` from :func:`compare_checkpoints` (traces in checkpoint order).
+    :meth:`RoutingStats.group_metrics`, ``prob_rows`` (tokens with ``probs``), ``alarm``
+    (collapse reasons) and, when ``compare`` (default: two or more traces), ``matched``,
+    ``matched_final``, ``switch_rate``, ``overlap``, ``saturation`` from
+    :func:`compare_checkpoints` (traces in checkpoint order).
     """
     import pandas as pd
 
@@ -56,7 +57,7 @@ def analyze(
         paths = [paths]
     paths = [os.fspath(p) for p in paths]
     stats = stats if stats is not None else analyze_stats(paths, by=by, batch_rows=batch_rows)
-    frames = [s.table().assign(trace=p) for s, p in zip(stats, paths)]
+    frames = [_with_prob_rows(s).assign(trace=p) for s, p in zip(stats, paths)]
     df = pd.concat(frames, ignore_index=True)
     df = df[["trace"] + [c for c in df.columns if c != "trace"]]
     df = flag_collapse(df, thresholds)
@@ -65,8 +66,16 @@ def analyze(
     if compare:
         comp = compare_checkpoints(paths, by=by, method=method, batch_rows=batch_rows)
         keys = ["trace", "placement", "layer"] + ([by] if by else [])
-        df = df.merge(comp[keys + list(COMPARE_KEYS)], on=keys, how="left")
+        df = df.merge(comp[keys + ["matched", "matched_final", *COMPARE_KEYS]], on=keys, how="left")
     return df
+
+
+def _with_prob_rows(stats: RoutingStats):
+    """``stats.table()`` with ``prob_rows``: the tokens with a router distribution (router_entropy's count)."""
+    table = stats.table()
+    count = dict(zip(stats.keys, stats.prob_rows.tolist()))
+    keys = table[list(stats.key_names)].itertuples(index=False, name=None)
+    return table.assign(prob_rows=[count[k] for k in keys])
 
 
 def _plain(value):
