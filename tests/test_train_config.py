@@ -197,3 +197,48 @@ def test_the_model_is_saved_with_the_template_it_trained_with():
     assert stage_template(chat_pretrain, processor) == saved_template(chat_pretrain, processor) == "chatml"
     plain_sft = resolve_config("sft", overrides={"template": "plain"})
     assert (stage_template(plain_sft, processor), saved_template(plain_sft, processor)) == ("plain", "phi35")
+
+
+def test_the_schedulers_validate_accepts_are_the_ones_a_stage_can_train_with(tmp_path):
+    """Oracle: transformers' own Trainer building the scheduler from the TrainingArguments a stage passes
+    (lr_scheduler_type, a warmup ratio, no lr_scheduler_kwargs, no evaluation). It was: min_lr, wsd and the
+    metric-driven schedulers passed validate() and failed inside the launched ranks."""
+    from torch import nn
+    from transformers import SchedulerType, Trainer, TrainingArguments
+
+    def trains(name):
+        try:
+            args = TrainingArguments(output_dir=str(tmp_path / "out"), lr_scheduler_type=name, warmup_steps=0.03,
+                                     use_cpu=True, report_to="none")
+            Trainer(model=nn.Linear(2, 1), args=args).create_optimizer_and_scheduler(num_training_steps=10)
+        except (TypeError, ValueError):
+            return False
+        return True
+
+    def accepted(name):
+        try:
+            resolve_config("pretrain", overrides={"lr_scheduler_type": name, "run_dir": str(tmp_path)})
+        except ValueError as err:
+            assert str(err).startswith("lr_scheduler_type must be one of ['linear', 'cosine'"), err
+            return False
+        return True
+
+    names = [s.value for s in SchedulerType]
+    assert {n: accepted(n) for n in names} == {n: trains(n) for n in names}
+    for name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "reduce_lr_on_plateau",
+                 "greedy"):
+        assert not accepted(name), name
+    assert accepted("cosine") and accepted("linear")
+
+
+def test_with_a_hostfile_the_global_batch_is_checked_against_its_slots(tmp_path):
+    """deepspeed --hostfile starts one process per slot and ignores num_procs (it was checked against num_procs)."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nnode-a slots=2\n\nnode-b slots=1\n")  # 3 processes
+    batch = {"per_device_batch_size": 4, "global_batch_size": 8, "hostfile": str(hosts)}
+    with pytest.raises(ValueError, match=r"world size \(3\) = 12.*slots of hostfile"):
+        resolve_config("sft", overrides={**batch, "num_procs": 1})  # 8 = 4 x 1 x 2, but 8 is no multiple of 4 x 3
+    hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+    assert resolve_config("sft", overrides={**batch, "num_procs": 3}).hostfile == str(hosts)  # 8 = 4 x 2
+    # a hostfile this process cannot read is the launcher's (and the ranks') to check
+    assert resolve_config("sft", overrides={**batch, "hostfile": str(tmp_path / "elsewhere")}).hostfile

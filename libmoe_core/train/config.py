@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,38 @@ def _check_llm_layers(value) -> None:
                          f"indices >= 0 or a placement dict, got {value!r}")
 
 
+def _scheduler_problem(name: str) -> str | None:
+    """Why transformers' scheduler ``name`` cannot train a stage as launched (None: it can).
+
+    Training passes no ``lr_scheduler_kwargs`` and evaluates nothing: the scheduler is built here
+    on a dummy optimizer, as the trainer builds it, so one that needs more arguments, or steps on
+    an evaluation metric, is refused before launch rather than inside the launched ranks."""
+    import torch
+    from transformers import optimization
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        scheduler = optimization.get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+    except (TypeError, ValueError) as err:  # e.g. min_lr, num_decay_steps: only lr_scheduler_kwargs give them
+        return f"it needs scheduler arguments that training does not pass: {err}"
+    on_metric = tuple(c for c in (torch.optim.lr_scheduler.ReduceLROnPlateau, getattr(optimization, "GreedyLR", None)) if c)
+    if isinstance(scheduler, on_metric):  # transformers steps these with evaluate()'s metric
+        return "it steps on an evaluation metric, and training stages do not evaluate"
+    return None
+
+
+def _check_scheduler(name: str) -> None:
+    from transformers import SchedulerType
+
+    known = [s.value for s in SchedulerType]
+    problem = _scheduler_problem(name) if name in known else None
+    if name in known and problem is None:
+        return
+    accepted = [s for s in known if _scheduler_problem(s) is None]
+    reason = f" ({problem})" if problem else ""
+    raise ValueError(f"lr_scheduler_type must be one of {accepted}, got {name!r}{reason}")
+
+
 def _check_data(cfg: TrainConfig) -> None:
     from .stages import manifest_of
 
@@ -301,11 +334,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"save_total_limit must be >= 1 (resuming needs a checkpoint), got {cfg.save_total_limit!r}")
     if cfg.max_samples is not None and cfg.max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None (all records), got {cfg.max_samples!r}")
-    from transformers import SchedulerType
-
-    schedulers = [s.value for s in SchedulerType]
-    if cfg.lr_scheduler_type not in schedulers:
-        raise ValueError(f"lr_scheduler_type must be one of {schedulers}, got {cfg.lr_scheduler_type!r}")
+    _check_scheduler(cfg.lr_scheduler_type)
     _check_llm_layers(cfg.moe_llm_layers)
     if not 0 <= cfg.warmup_ratio < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio!r}")
@@ -333,4 +362,23 @@ def validate(cfg: TrainConfig) -> None:
                              z_coef=llm.get("z_coef", cfg.z_coef))
     if not 0 <= cfg.seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32 - 1], got {cfg.seed!r}")
-    cfg.gradient_accumulation_steps(cfg.num_procs)
+    if not cfg.hostfile:
+        cfg.gradient_accumulation_steps(cfg.num_procs)
+    elif (slots := hostfile_slots(cfg.hostfile)) is not None:  # the launcher runs one process per slot
+        try:
+            cfg.gradient_accumulation_steps(slots)
+        except ValueError as err:
+            raise ValueError(f"{err} (world size: the slots of hostfile {cfg.hostfile})") from None
+    # else: the launcher reads the hostfile (where this process may not see it) and the ranks check the batch
+
+
+def hostfile_slots(path: str) -> int | None:
+    """The processes a DeepSpeed hostfile launches (``host slots=N`` lines, ``#`` comments); None when it
+    is not readable here or not in that form (the launcher reports that)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    slots = [re.match(r"^\S+\s+slots=(\d+)", line.strip()) for line in lines
+             if line.strip() and not line.strip().startswith("#")]
+    return sum(int(m.group(1)) for m in slots) if slots and all(slots) else None

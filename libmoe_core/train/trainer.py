@@ -45,6 +45,7 @@ class MoETrainer(Trainer):
         self._micro_steps = 0
         self._tokens = 0
         self._window_start: float | None = None
+        self._grouped_sampler: ModalityLengthGroupedSampler | None = None
 
     def _run_epoch(self, *args, **kwargs):
         # A resume from a checkpoint at or past max_steps (killed after its last checkpoint, before
@@ -54,16 +55,25 @@ class MoETrainer(Trainer):
             self.control.should_training_stop = True
             self._nothing_trained = True  # no train summary row (a train_loss of 0.0 over no steps)
             return None
+        # The grouped sampler's order depends on the epoch. A resume inside an epoch >= 1 wraps the
+        # loader in skip_first_batches, and with several processes the chain SkipBatchSampler ->
+        # BatchSamplerShard -> BatchSampler -> sampler is deeper than the set_epoch of transformers and
+        # accelerate reaches: the resumed epoch would replay epoch 0's order. Set it here, before the
+        # epoch's iterator is made (transformers 5.24 passes its arguments as keywords).
+        epoch = kwargs["epoch"] if "epoch" in kwargs else args[1] if len(args) > 1 else None
+        if self._grouped_sampler is not None and epoch is not None:
+            self._grouped_sampler.set_epoch(int(epoch))
         return super()._run_epoch(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is None:
             return super()._get_train_sampler(train_dataset)
         # LLaVA's grouping: a mega-batch feeds every rank for every accumulation step.
-        return ModalityLengthGroupedSampler(
+        self._grouped_sampler = ModalityLengthGroupedSampler(
             self.modality_lengths, self.args.per_device_train_batch_size,
             world_size=self.args.world_size * self.args.gradient_accumulation_steps, seed=self.args.seed,
         )
+        return self._grouped_sampler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {k: v for k, v in inputs.items() if k not in MODEL_INPUT_SKIP}
@@ -86,13 +96,14 @@ class MoETrainer(Trainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if getattr(self, "_nothing_trained", False) and "train_runtime" in logs:
             return
-        if "loss" in logs and self._micro_steps:
-            for name, total in self._sums.items():
-                logs[name] = total / self._micro_steps
-            tokens = torch.tensor(float(self._tokens))
-            if dist.is_initialized():
-                dist.all_reduce(tokens)
-            logs["tokens_per_s"] = tokens.item() / max(time.perf_counter() - self._window_start, 1e-9)
+        # every rank logs the training loss at the same steps (transformers gathers it from all of them
+        # first), so the collectives in _window_totals line up; "loss" is never in evaluate()'s logs
+        sums, micro_steps, tokens = self._window_totals() if "loss" in logs else ({}, 0, 0.0)
+        if micro_steps:
+            for name, total in sums.items():
+                logs[name] = total / micro_steps
+            start = self._window_start if self._window_start is not None else time.perf_counter()
+            logs["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
             ks = [m.router.current_k() for _, m in moe_layers(self.model) if hasattr(m.router, "k_min")]
             if ks:
                 logs["hyper_k"] = ks[0]
@@ -100,6 +111,23 @@ class MoETrainer(Trainer):
             self._micro_steps = self._tokens = 0
             self._window_start = time.perf_counter()  # the next window includes data loading
         super().log(logs, start_time)
+
+    def _window_totals(self) -> tuple[dict[str, float], int, float]:
+        """The logging window's metric sums, micro-steps and tokens, summed over all ranks.
+
+        ``loss`` is transformers' mean over all ranks, so ``lm_loss``, ``aux/*`` and ``router/*`` are
+        too: one all-reduce of the sums and counts, under the union of the ranks' keys (a rank can lack
+        one in a window, e.g. no image, so no vision routing, in its micro-batches; it adds 0 there)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return dict(self._sums), self._micro_steps, float(self._tokens)
+        key_lists = [None] * dist.get_world_size()
+        dist.all_gather_object(key_lists, sorted(self._sums))
+        keys = sorted(set().union(*key_lists))
+        packed = torch.tensor([self._sums.get(k, 0.0) for k in keys] + [self._micro_steps, self._tokens],
+                              dtype=torch.float64, device=self.args.device)  # nccl reduces device tensors only
+        dist.all_reduce(packed)
+        *totals, micro_steps, tokens = packed.tolist()
+        return dict(zip(keys, totals)), round(micro_steps), tokens
 
 
 class RouterScheduleCallback(TrainerCallback):
