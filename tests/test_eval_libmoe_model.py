@@ -157,6 +157,30 @@ def test_loglikelihood_prefers_the_greedy_answer(checkpoint):
         assert is_greedy
 
 
+def test_loglikelihood_scores_the_continuation_as_training_tokenises_an_answer(checkpoint):
+    """A SentencePiece-style tokenizer gives a lone continuation a leading "▁" it has not after the
+    prompt: the continuation was tokenised alone. Oracle: the labelled answer tokens of the same
+    question and answer rendered for training, scored by the model on the rendered ids."""
+    from libmoe_core.data.templates import IGNORE_INDEX
+    from libmoe_core.data.tiny_tokenizer import build_tiny_tokenizer
+    from libmoe_core.model.processor import LibMoEProcessor
+
+    lm = make(checkpoint)
+    old = lm.processor
+    sp = build_tiny_tokenizer("metaspace", chat_template=old.tokenizer.chat_template)
+    lm.processor = LibMoEProcessor(sp, old.image_processor, template=old.template, num_image_tokens=old.num_image_tokens)
+    doc_id, answer = 4, "Yes a circle"  # doc 4 is text-only
+    assert sp("Yes", add_special_tokens=False)["input_ids"][0] != sp("\nYes", add_special_tokens=False)["input_ids"][-2]
+    ids, labels = lm.processor.render([{"from": "human", "value": QUESTIONS[doc_id]}, {"from": "gpt", "value": answer}])
+    answer_pos = [i for i, y in enumerate(labels) if y != IGNORE_INDEX][:-1]  # the answer without its <|end|>
+    assert sp.decode([ids[i] for i in answer_pos]) == answer
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([ids[: answer_pos[-1] + 1]])).logits[0].float().log_softmax(-1)
+    expected = sum(logits[i - 1, ids[i]].item() for i in answer_pos)
+    ((logprob, _),) = lm.loglikelihood([Request((QUESTIONS[doc_id], answer, lambda doc: doc["images"], doc_id, "toy", "test"))])
+    assert logprob == pytest.approx(expected, abs=1e-4)
+
+
 def test_generation_limit_is_the_tasks_own(checkpoint, tmp_path):
     """A task's max_new_tokens reaches generate (a default cap of 64 cut MathVista's 16384 and POPE's 128
     silently); a task without one gets lmms-eval's 1024; the model argument caps, logged once per task."""

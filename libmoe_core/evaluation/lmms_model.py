@@ -271,19 +271,20 @@ class LibMoE(lmms):
             if callable(continuation):  # output_type loglikelihood passes doc_to_target
                 continuation = continuation(self._doc(task, split, doc_id))
             visuals = self._visuals(doc_to_visual, task, split, doc_id)
-            inputs = self._inputs([self.processor.prompt(context, num_images=len(visuals))], [visuals])
-            target = self.processor.tokenizer(str(continuation), add_special_tokens=False)["input_ids"]
-            if not target:
-                raise ValueError(f"libmoe: empty continuation for {task} doc {doc_id}")
-            target_ids = torch.tensor([target], device=self.device_name)
-            input_ids = torch.cat([inputs["input_ids"], target_ids], dim=1)
-            attention = torch.cat([inputs["attention_mask"], torch.ones_like(target_ids)], dim=1)
-            extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+            prompt = self.processor.prompt(context, num_images=len(visuals))
+            # prompt and continuation tokenised together, as training tokenises an answer after its
+            # prompt (a SentencePiece tokenizer gives a lone "Yes" a leading "▁" it has not there); the
+            # target is what follows the prompt's own tokens (lm-eval's _encode_pair)
+            inputs = self._inputs([prompt + str(continuation)], [visuals])
+            n = inputs["input_ids"].shape[1] - len(self.processor.encode(prompt, num_images=len(visuals)))
+            if n <= 0:
+                raise ValueError(f"libmoe: continuation {continuation!r} of {task} doc {doc_id} adds no token")
+            target_ids = inputs["input_ids"][0, -n:]  # [n]
             with self._routing_mode():
-                logits = self.model(input_ids=input_ids, attention_mask=attention, **extra).logits
-            pred = logits[0, -len(target) - 1 : -1].float().log_softmax(-1)  # [n, V] predicting the target
-            logprob = pred.gather(-1, target_ids[0].unsqueeze(-1)).sum().item()
-            greedy = bool((pred.argmax(-1) == target_ids[0]).all())
+                logits = self.model(**inputs).logits
+            pred = logits[0, -n - 1 : -1].float().log_softmax(-1)  # [n, V] predicting the target
+            logprob = pred.gather(-1, target_ids.unsqueeze(-1)).sum().item()
+            greedy = bool((pred.argmax(-1) == target_ids).all())
             results.append((logprob, greedy))
         return results
 

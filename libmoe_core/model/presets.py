@@ -324,7 +324,7 @@ def build_processor(
 
         vision, llm = _hub_paths(spec, vision_path, llm_path)
         tokenizer = _hub_tokenizer(llm)
-        image_processor = AutoImageProcessor.from_pretrained(vision)
+        image_processor = AutoImageProcessor.from_pretrained(vision, backend="pil")  # LLaVA's PIL path, as LibMoEProcessor
         vision_cfg = _hub_vision_config(vision).to_dict()
     config = LibMoEVLMConfig(vision_config=vision_cfg, text_config={"model_type": "phi3"}, **fields)
     return LibMoEProcessor(

@@ -4,8 +4,9 @@ Text holds one ``<image>`` per image; the processor tokenises it, expands each
 placeholder to ``num_image_tokens`` copies, pads (left for generation, right for
 training) and turns images into ``pixel_values``, made square by ``image_aspect``:
 ``pad`` (on the image processor's mean colour, LibMoE / LLaVA's expand2square), ``resize``
-(stretched: the whole image, aspect ratio changed) or ``crop`` (the centre square: LLaVA's
-path without padding on CLIP), the same for SigLIP and CLIP towers.
+(stretched: the whole image, aspect ratio changed) or ``crop`` (the centre square, cut before
+the resize: what LLaVA keeps without padding on CLIP, up to a sub-pixel shift where LLaVA's
+resize-then-crop lands between pixels), the same for SigLIP and CLIP towers.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class LibMoEProcessor:
         images = [to_rgb(im) for im in images]
         if self.image_aspect == "pad":
             mean = getattr(self.image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
-            fill = tuple(round(255 * m) for m in mean)
+            fill = tuple(int(255 * m) for m in mean)  # LLaVA's expand2square colour: truncated, not rounded
             images = [pad_to_square(im, fill) for im in images]
         elif self.image_aspect == "resize":  # square first: a CLIP processor would centre-crop the rest
             from PIL import Image
@@ -185,4 +186,7 @@ class LibMoEProcessor:
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; save the processor with save_pretrained first")
         settings = json.loads((path / CONFIG_NAME).read_text())
-        return cls(AutoTokenizer.from_pretrained(str(path)), AutoImageProcessor.from_pretrained(str(path)), **settings)
+        # the PIL backend, as LLaVA/LibMoE preprocess (transformers would pick torchvision where it imports,
+        # whose antialiased bicubic resize differs by up to a few /255)
+        image_processor = AutoImageProcessor.from_pretrained(str(path), backend="pil")
+        return cls(AutoTokenizer.from_pretrained(str(path)), image_processor, **settings)
