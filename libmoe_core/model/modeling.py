@@ -10,6 +10,7 @@ import os
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,46 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         proj_dtype = next(self.projector.parameters()).dtype
         return self.projector(feats.to(proj_dtype))
 
+    def _runs_dummy_image(self) -> bool:
+        """Whether a training forward without images runs the image path on a dummy image: when the
+        forward is differentiated and the vision tower or projector has a parameter that trains, or
+        one that DeepSpeed ZeRO-3 partitions (``ds_id``: gathered collectively in forward even when
+        frozen). Not in eval or under no_grad (generation, evaluation, routing traces)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        params = chain(self.vision_tower.parameters(), self.projector.parameters())
+        return any(p.requires_grad or hasattr(p, "ds_id") for p in params)
+
+    def _dummy_image_zero(self, moe, like: torch.Tensor) -> torch.Tensor:
+        """A scalar exactly 0 (``like``'s dtype) in the autograd graph of one all-zeros image encoded
+        by the vision tower and projector, for a training batch without images.
+
+        Every rank of a multi-process run then runs the same modules (ZeRO-3 parameter gathers) and
+        gives every trainable vision and projector parameter a gradient, zero here (DDP / ZeRO-2
+        reductions), as LLaVA-NeXT and Qwen-VL do; a rank that skipped them desynchronised the
+        collectives (gloo aborts, NCCL hangs). The image is routed like a real one (so the vision and
+        projector MoE layers run their routers and experts as on every other rank), but it counts
+        nowhere: those layers' ``last_routing`` is reset to None, so no aux loss, aux term, routing
+        check or trace after the forward sees it, and their routers' buffers (auxfree's
+        ``load_counts``) are put back as they were. The 0 is the sum of an empty slice, never NaN,
+        and its backward gives the image embeddings an all-zero gradient."""
+        vision = self.config.vision_config
+        size = vision.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        pixels = torch.zeros(1, getattr(vision, "num_channels", 3), *size, dtype=self.vision_tower.model.dtype,
+                             device=like.device)  # [1, C, H, W]
+        layers = [layer for placement, _, layer in moe if placement != "llm"]
+        saved = [(buf, buf.clone()) for layer in layers for buf in layer.router.buffers()]
+        try:
+            image_embeds = self.encode_images(pixels)  # [1, T, d]
+        finally:
+            with torch.no_grad():
+                for buf, value in saved:
+                    buf.copy_(value)
+            for layer in layers:
+                layer.last_routing = None
+        return image_embeds.reshape(-1)[:0].sum().to(like.dtype)
+
     def image_token_mask(self, input_ids: torch.Tensor, num_images: int, image_counts=None) -> torch.Tensor:
         """[B, L] bool mask of image positions; raises when it does not match the images."""
         token_id = self.config.image_token_id
@@ -222,6 +263,8 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
                 self.image_token_mask(input_ids, 0, image_counts)  # image tokens without images: error
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (to find the <image> positions), not inputs_embeds")
+        if pixel_values is None and self._runs_dummy_image():
+            inputs_embeds = inputs_embeds + self._dummy_image_zero(moe, inputs_embeds)  # + exactly 0
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("logits_to_keep must be 0 when labels are given")
         out = self.language_model(
@@ -306,7 +349,9 @@ def _check_aux_gradients(moe) -> None:
 
 def _token_mask_contexts(model, user_context_fn=None):
     """``torch.utils.checkpoint`` context_fn: (forward context, recompute context); the recompute
-    runs with the MoE layers' token masks as they were when this segment ran forward."""
+    runs with the MoE layers' token masks as they were when this segment ran forward, and leaves
+    their ``last_routing`` as the latest forward reported it (not the recomputed segment's: an
+    earlier forward's, or the dummy image's of a batch without images)."""
     forward_ctx, recompute_ctx = user_context_fn() if user_context_fn else (nullcontext(), nullcontext())
     layers = getattr(model, "_moe_layers_in_forward", None)  # set by this forward: no module walk per segment
     if layers is None:
@@ -315,7 +360,7 @@ def _token_mask_contexts(model, user_context_fn=None):
 
     @contextmanager
     def with_forward_masks():
-        current = {layer: layer.token_mask for layer in masks}
+        current = {layer: (layer.token_mask, layer.last_routing) for layer in masks}
         with ExitStack() as stack:
             stack.enter_context(recompute_ctx)
             for layer, mask in masks.items():
@@ -323,8 +368,9 @@ def _token_mask_contexts(model, user_context_fn=None):
             try:
                 yield
             finally:
-                for layer, mask in current.items():
+                for layer, (mask, routing) in current.items():
                     layer.token_mask = mask
+                    layer.last_routing = routing
 
     return forward_ctx, with_forward_masks()
 
