@@ -47,14 +47,16 @@ def test_seed_presets_build_on_meta_from_embedded_configs(name):
 
 def test_hub_preset_offline_fails_fast_with_instructions(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match=r"(?s)huggingface-cli download google/siglip-so400m-patch14-224.*vision_path="):
+    with pytest.raises(OSError, match=r"(?s)`hf download google/siglip-so400m-patch14-224`.*vision_path="):
         build_model("siglip224-phi35")
     with pytest.raises(ValueError, match="unknown preset"):
         build_model("llava-13b")
 
 
-def test_hub_preset_from_local_directories(tmp_path):
+def save_local_stand_ins(tmp_path, llm_eos=None):
+    """A tiny SigLIP tower and Phi-3 LLM (with the tiny tokenizer) saved as a hub preset's local copies."""
     from transformers import Phi3Config, Phi3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     tok = load_tiny_tokenizer()
     vision = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -62,13 +64,18 @@ def test_hub_preset_from_local_directories(tmp_path):
     llm = Phi3ForCausalLM(Phi3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id,
                                      bos_token_id=0, eos_token_id=0)).to(torch.bfloat16)  # as Phi-3.5 ships
+    if llm_eos is not None:
+        llm.generation_config.eos_token_id = llm_eos
     vision.save_pretrained(tmp_path / "vision")
     llm.save_pretrained(tmp_path / "llm")
     tok.save_pretrained(tmp_path / "llm")
     vision.config.to_json_file(tmp_path / "vision" / "config.json")
-    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
     SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "vision")
+    return vision, llm, tok
+
+
+def test_hub_preset_from_local_directories(tmp_path):
+    vision, llm, _ = save_local_stand_ins(tmp_path)
     model = build_model("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm",
                         moe_llm_layers=[1])
     assert len(model.vision_tower.layers) == 2 and model.projector[0].in_features == 64  # 2 scales x 32
@@ -139,3 +146,38 @@ def test_config_refuses_a_bad_vision_feature_layer(layer, message):
     tiny = get_preset("tiny")
     with pytest.raises(ValueError, match=message):
         LibMoEVLMConfig(vision_config=tiny.vision_config, text_config=tiny.text_config, vision_feature_layer=layer)
+
+
+def test_hub_preset_details_a_user_meets(tmp_path, monkeypatch):
+    """A checkpoint's own stop ids are kept (Phi-3's generation config lists <|assistant|> too), "~"
+    paths work, sub-config overrides that cannot apply are refused (they were dropped silently), and
+    a weightless build uses the reachable tokenizer's <image> id (its processor found no image tokens)."""
+    save_local_stand_ins(tmp_path, llm_eos=[7, 0])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = build_model("siglip224-phi35", vision_path="~/vision", llm_path="~/llm")
+    tok = load_tiny_tokenizer()
+    ends = [tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>") if t in tok.get_vocab()]
+    assert model.generation_config.eos_token_id[:2] == [7, 0]
+    assert set(ends + [tok.eos_token_id]) <= set(model.generation_config.eos_token_id)
+    for override in ({"vision_config": {"image_size": 56}}, {"text_config": {"num_hidden_layers": 1}}):
+        with pytest.raises(TypeError, match="cannot apply"):
+            build_model("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm", **override)
+        with pytest.raises(TypeError, match="cannot apply"):
+            build_processor("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm", **override)
+    with torch.device("meta"):
+        weightless = build_model("siglip224-phi35", load_weights=False, llm_path=tmp_path / "llm")
+    processor = build_processor("siglip224-phi35", vision_path=tmp_path / "vision", llm_path=tmp_path / "llm")
+    assert weightless.config.image_token_id == processor.image_token_id == tok.convert_tokens_to_ids("<image>")
+
+
+def test_automatic_attention_gives_flash_attn_only_half_precision_models(monkeypatch):
+    """flash-attn refuses fp32 inputs: an fp32 model (build_model's default) on a GPU with flash-attn
+    failed at its first forward outside autocast."""
+    from libmoe_core.model import attention
+
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)
+    assert resolve_attn_implementation(None, torch.float32) == "sdpa"
+    assert resolve_attn_implementation(None, torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation(None, torch.float16) == "flash_attention_2"
+    assert resolve_attn_implementation(None) == "flash_attention_2"  # dtype not known (cast later, e.g. training)
+    assert build_model("tiny").config.text_config._attn_implementation == "sdpa"  # fp32 by default

@@ -77,9 +77,10 @@ def test_from_pretrained_chooses_attention_as_build_model_does(tmp_path, monkeyp
     assert LibMoEVLMForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"  # CPU: sdpa
     assert LibMoEVLMForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").config._attn_implementation == "eager"
     asked = []
-    monkeypatch.setattr(modeling, "resolve_attn_implementation", lambda requested: asked.append(requested) or "eager")
+    monkeypatch.setattr(modeling, "resolve_attn_implementation", lambda requested, dtype=None: asked.append((requested, dtype)) or "eager")
     assert LibMoEVLMForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "eager"  # was sdpa, always
-    assert asked == [None]
+    assert LibMoEVLMForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).config._attn_implementation == "eager"
+    assert asked == [(None, None), (None, torch.float32)]  # the dtype reaches the choice: flash-attn needs fp16/bf16
     monkeypatch.undo()
     # other values are transformers' own to take (they were refused as unknown)
     per_part = {"text_config": "eager", "vision_config": "sdpa"}

@@ -17,10 +17,12 @@ def sdpa_available() -> bool:
     return hasattr(torch.nn.functional, "scaled_dot_product_attention")
 
 
-def resolve_attn_implementation(requested: str | None = None) -> str:
-    """``None``/``"auto"``: the best available. An explicit choice is honoured or refused clearly."""
+def resolve_attn_implementation(requested: str | None = None, dtype: torch.dtype | None = None) -> str:
+    """``None``/``"auto"``: the best available for a model in ``dtype`` (flash-attn runs fp16/bf16
+    only, so an fp32 model gets sdpa; None: not known, as for a model cast to bf16 later). An
+    explicit choice is honoured or refused clearly."""
     if requested in (None, "auto"):
-        if flash_attn_available():
+        if flash_attn_available() and dtype in (None, torch.float16, torch.bfloat16):
             return "flash_attention_2"
         return "sdpa" if sdpa_available() else "eager"
     if requested == "flash_attention_2":

@@ -122,7 +122,8 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
         # The attention kernel is not saved: the same default as build_model (flash-attn > sdpa > eager);
         # any other value is transformers' to accept or refuse ("paged|sdpa", a per-sub-config dict, ...).
         if kwargs.get("attn_implementation") in (None, "auto"):
-            kwargs["attn_implementation"] = resolve_attn_implementation(None)
+            dtype = kwargs.get("dtype")  # flash-attn only for fp16/bf16 (an unknown dtype, e.g. "auto", allows it)
+            kwargs["attn_implementation"] = resolve_attn_implementation(None, dtype if isinstance(dtype, torch.dtype) else None)
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         _copy_unaligned_router_tensors(model)

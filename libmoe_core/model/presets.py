@@ -10,6 +10,7 @@ device, to count parameters without downloading).
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,8 +129,8 @@ def _hub_paths(preset: Preset, vision_path, llm_path) -> tuple[str, str]:
     """Local paths of the preset's tower and LLM, or a fail-fast error saying what to download."""
     from transformers import AutoConfig
 
-    vision = str(vision_path or preset.vision_hub)
-    llm = str(llm_path or preset.llm_hub)
+    vision = os.path.expanduser(os.fspath(vision_path)) if vision_path else preset.vision_hub
+    llm = os.path.expanduser(os.fspath(llm_path)) if llm_path else preset.llm_hub
     missing = []
     for what, path in (("vision tower", vision), ("language model", llm)):
         try:
@@ -139,8 +140,8 @@ def _hub_paths(preset: Preset, vision_path, llm_path) -> tuple[str, str]:
     if missing:
         raise OSError(
             f"preset {preset.name!r} loads pretrained weights that are not available here: {'; '.join(missing)}. "
-            f"Download them where the hub is reachable, e.g. `huggingface-cli download {preset.vision_hub}` and "
-            f"`huggingface-cli download {preset.llm_hub}` (or snapshot_download), then either use the HF cache or "
+            f"Download them where the hub is reachable, e.g. `hf download {preset.vision_hub}` and "
+            f"`hf download {preset.llm_hub}` (or snapshot_download), then either use the HF cache or "
             f"point the preset at local copies: build_model({preset.name!r}, vision_path='/path/to/vision', "
             f"llm_path='/path/to/llm'). Use load_weights=False for a randomly initialised model of the same shape."
         )
@@ -199,11 +200,13 @@ def build_model(
     unknown = sorted(set(overrides) - set(CONFIG_OVERRIDES))
     if unknown:  # transformers would keep them as unused config attributes
         raise TypeError(f"build_model got unknown argument(s) {unknown}; config overrides it takes: {CONFIG_OVERRIDES}")
-    attn = resolve_attn_implementation(attn_implementation)
     vision_update = overrides.pop("vision_config", None)
     text_update = overrides.pop("text_config", None)
     fields = _merge(spec.model_fields, overrides)
     hub = spec.vision_hub is not None and load_weights
+    if hub and (vision_update or text_update):
+        _refuse_sub_config_overrides(spec)
+    attn = resolve_attn_implementation(attn_implementation, dtype=dtype or torch.float32)
     if spec.vision_hub is None or not load_weights:
         tokenizer = load_tiny_tokenizer() if spec.vision_hub is None else None
         vision_cfg = _merge(spec.vision_config, vision_update)
@@ -213,15 +216,20 @@ def build_model(
             text_cfg.setdefault("bos_token_id", tokenizer.bos_token_id)
             text_cfg.setdefault("eos_token_id", tokenizer.eos_token_id)
             fields["image_token_id"] = _tokenizer_image_token_id(tokenizer, fields.get("image_token_id"))
-        else:
-            fields.setdefault("image_token_id", text_cfg["vocab_size"] - 1)  # placeholder id for weightless builds
+        elif (hub_tokenizer := _reachable_tokenizer(spec, llm_path)) is not None:  # as build_processor's
+            fields["image_token_id"] = _tokenizer_image_token_id(hub_tokenizer, fields.get("image_token_id"))
+        else:  # no tokenizer here, so no processor either: a placeholder id
+            fields.setdefault("image_token_id", text_cfg["vocab_size"] - 1)
         config = LibMoEVLMConfig(vision_config=vision_cfg, text_config=text_cfg, **fields)
         config._attn_implementation = attn
         model = LibMoEVLMForCausalLM(config)
     else:
         model, tokenizer = _build_from_hub(spec, vision_path, llm_path, fields, attn, dtype)
     if tokenizer is not None:
-        model.generation_config.eos_token_id = eos_ids(tokenizer)
+        # a checkpoint's own stop ids first (Phi-3's [32007, 32001, 32000]), then the templates' ends it lacks
+        theirs = model.generation_config.eos_token_id if hub else None
+        theirs = [theirs] if isinstance(theirs, int) else list(theirs or [])
+        model.generation_config.eos_token_id = theirs + [i for i in eos_ids(tokenizer) if i not in theirs]
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if dtype is not None and not hub:
         _cast_like_from_pretrained(model, dtype)
@@ -246,6 +254,22 @@ def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> No
     model.to(dtype)
     for (module, name), buffer in computed.items():
         module._buffers[name] = buffer
+
+
+def _refuse_sub_config_overrides(spec: Preset) -> None:
+    raise TypeError(
+        f"preset {spec.name!r} loads its vision tower and LLM with their checkpoints' configs, so vision_config / "
+        "text_config overrides cannot apply; they shape randomly initialised models (the tiny preset, or "
+        "load_weights=False)"
+    )
+
+
+def _reachable_tokenizer(spec: Preset, llm_path):
+    """The hub preset's tokenizer if it loads here (a local folder or the HF cache), else None."""
+    try:
+        return _hub_tokenizer(os.path.expanduser(os.fspath(llm_path)) if llm_path else spec.llm_hub)
+    except (OSError, ValueError):
+        return None
 
 
 def _tokenizer_image_token_id(tokenizer, requested: int | None) -> int:
@@ -322,6 +346,8 @@ def build_processor(
     else:
         from transformers import AutoImageProcessor
 
+        if overrides.get("vision_config") or overrides.get("text_config"):
+            _refuse_sub_config_overrides(spec)
         vision, llm = _hub_paths(spec, vision_path, llm_path)
         tokenizer = _hub_tokenizer(llm)
         image_processor = AutoImageProcessor.from_pretrained(vision, backend="pil")  # LLaVA's PIL path, as LibMoEProcessor
