@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from libmoe_core.train import checkpoints
 from libmoe_core.train.config import SEED_RECIPE, parse_overrides, resolve_config
@@ -242,3 +243,72 @@ def test_with_a_hostfile_the_global_batch_is_checked_against_its_slots(tmp_path)
     assert resolve_config("sft", overrides={**batch, "num_procs": 3}).hostfile == str(hosts)  # 8 = 4 x 2
     # a hostfile this process cannot read is the launcher's (and the ranks') to check
     assert resolve_config("sft", overrides={**batch, "hostfile": str(tmp_path / "elsewhere")}).hostfile
+
+
+def _model_folder(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_local_copies_of_a_hub_presets_weights_are_config_keys(tmp_path, monkeypatch):
+    from libmoe_core.train.config import TrainConfig, validate
+
+    vision, llm = _model_folder(tmp_path / "vision"), _model_folder(tmp_path / "llm")
+    hub = {"preset": "siglip224-phi35"}
+    assert (resolve_config("pretrain", overrides=hub).vision_path, resolve_config("pretrain").llm_path) == (None, None)
+    cfg = resolve_config("pretrain", overrides={**hub, "vision_path": str(vision), "llm_path": str(llm)})
+    assert (cfg.vision_path, cfg.llm_path) == (str(vision), str(llm))
+    # `~` expanded (YAML, --set, notebook parameters: no shell expands it), from a file or --set
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = tmp_path / "pretrain.yaml"
+    f.write_text("preset: siglip224-phi3\nvision_path: ~/vision\n")
+    cfg = resolve_config("pretrain", str(f), parse_overrides(["llm_path=~/llm"]))
+    assert (cfg.vision_path, cfg.llm_path) == (str(vision), str(llm))
+    # the config the launcher saves is what the ranks load and validate (runners/train.py)
+    cfg.save(tmp_path / "saved.yaml")
+    again = TrainConfig(**yaml.safe_load((tmp_path / "saved.yaml").read_text()))
+    validate(again)
+    assert again == cfg
+    # the stages after pretrain start from its saved model: the keys (e.g. of a config file shared by the
+    # stages) are kept but unused, so a mirror no longer there is no error
+    later = resolve_config("pft", overrides={**hub, "vision_path": str(tmp_path / "moved"), "run_dir": "r"})
+    assert later.resolved_init_from() == "r/pretrain/final" and later.vision_path == str(tmp_path / "moved")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"vision_path": ["a"]}, r"training config key 'vision_path' must be str or NoneType, got \['a'\]"),
+    ({"llm_path": True}, "training config key 'llm_path' must be str or NoneType, got True"),
+    ({"vision_path": "{tmp}/missing"}, (r"vision_path: no folder {tmp}/missing \(a local copy of the vision tower "
+                                        r"google/siglip-so400m-patch14-224, e\.g\. from `hf download")),
+    ({"llm_path": "{tmp}/missing"}, (r"llm_path: no folder {tmp}/missing \(a local copy of the language model "
+                                     r"microsoft/Phi-3\.5-mini-instruct")),
+    ({"llm_path": "{tmp}"}, r"llm_path: {tmp} holds no config\.json"),
+    ({"llm_path": "{tmp}/file"}, r"llm_path: no folder {tmp}/file"),
+    ({"preset": "tiny", "vision_path": "{tmp}/vision"},
+     (r"preset 'tiny' has no pretrained weights; vision_path/llm_path apply to hub presets \(siglip224-phi35, "
+      r"siglip224-phi3, clip336-phi3\): leave vision_path unset")),
+    ({"preset": "tiny", "vision_path": "{tmp}/vision", "llm_path": "{tmp}/vision"}, "leave vision_path and llm_path unset"),
+])
+def test_local_weight_paths_are_refused_naming_the_key(tmp_path, overrides, message):
+    _model_folder(tmp_path / "vision")
+    (tmp_path / "file").write_text("")
+    overrides = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in overrides.items()}
+    with pytest.raises(ValueError, match=message.replace("{tmp}", str(tmp_path))):
+        resolve_config("pretrain", overrides={"preset": "siglip224-phi35", **overrides})
+    if overrides.get("preset") == "tiny":  # a contradiction in any stage's config
+        with pytest.raises(ValueError, match="has no pretrained weights"):
+            resolve_config("pft", overrides=overrides)
+
+
+def test_libmoe_train_reports_a_missing_local_copy(tmp_path, capsys):
+    from libmoe_core.cli import main
+
+    f = tmp_path / "pretrain.yaml"
+    f.write_text(f"preset: clip336-phi3\nllm_path: {tmp_path / 'phi3'}\n")
+    assert main(["train", "--stage", "pretrain", "--config", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert f"libmoe train: error: {f}: llm_path: no folder {tmp_path / 'phi3'}" in err
+    assert "microsoft/Phi-3-mini-4k-instruct" in err
+    assert main(["train", "--stage", "pretrain", "--set", "vision_path=/no/such/siglip"]) == 2  # preset tiny
+    assert "preset 'tiny' has no pretrained weights" in capsys.readouterr().err

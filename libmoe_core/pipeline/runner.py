@@ -117,9 +117,10 @@ class PipelinePlan:
 def _parameter_names(stage: str, notebook: Path) -> set[str]:
     """What a stage's notebook takes: every name ``stage_config`` knows, or the ``parameters`` cell."""
     if stage in TRAINING_STAGES:
-        from .stage import MOE_PARAMETERS, NON_CONFIG_PARAMETERS, PARAMETER_KEYS
+        from .stage import MOE_PARAMETERS, NON_CONFIG_PARAMETERS, PARAMETER_KEYS, PRESET_WEIGHTS_PARAMETERS
 
         names = (set(PARAMETER_KEYS) | NON_CONFIG_PARAMETERS) - {"stage_tag"}  # the plan names the folders
+        names = names if stage == "pretrain" else names - PRESET_WEIGHTS_PARAMETERS  # pft, sft: a saved model
         return names if stage == "sft" else names - MOE_PARAMETERS
     import papermill as pm
 

@@ -20,11 +20,14 @@ PARAMETER_KEYS = {
     "num_train_epochs": "num_train_epochs", "num_procs": "num_procs", "zero_stage": "zero_stage",
     "input_model": "init_from", "max_samples": "max_samples", "seed": "seed", "save_steps": "save_steps",
     "balance_coef": "balance_coef", "z_coef": "z_coef", "max_length": "max_length",
+    "vision_path": "vision_path", "llm_path": "llm_path",
 }
 NON_CONFIG_PARAMETERS = {"run_name", "runs_root", "stage_tag", "resume"}
 # Only the sft stage upcycles to MoE; pretrain and pft refuse these (they would be recorded, unused).
 MOE_PARAMETERS = {"router", "num_experts", "top_k", "moe_vision", "moe_projector", "moe_llm_layers", "balance_coef",
                   "z_coef"}
+# Only the pretrain stage builds its model from the preset; pft and sft start from a saved model and refuse these.
+PRESET_WEIGHTS_PARAMETERS = {"vision_path", "llm_path"}
 
 
 def notebook_parameters(namespace: dict) -> dict:
@@ -49,6 +52,10 @@ def stage_config(stage: str, **params) -> TrainConfig:
     moe = sorted(k for k in set(params) & MOE_PARAMETERS if params[k] is not None)
     if stage != "sft" and moe:
         raise ValueError(f"parameter(s) {moe} are for the sft stage (MoE); {stage} trains a dense model")
+    local = sorted(k for k in set(params) & PRESET_WEIGHTS_PARAMETERS if params[k] is not None)
+    if stage != "pretrain" and local:
+        raise ValueError(f"parameter(s) {local} are for the pretrain stage, which builds the model from the preset's "
+                         f"weights; {stage} starts from a saved model (input_model, default: the previous stage's)")
     if not isinstance(params.get("resume", False), bool):  # papermill -p keeps "false" a (true) string
         raise ValueError(f"parameter 'resume' must be True or False, got {params['resume']!r}")  # noqa: TRY004
     run_name = params.get("run_name", "default")

@@ -21,6 +21,7 @@ STAGES = ("pretrain", "pft", "sft")
 ZERO_STAGES = ("2", "3", "3-offload")
 DATA_POLICIES = ("error", "skip")
 PREVIOUS_STAGE = {"pretrain": None, "pft": "pretrain", "sft": "pft"}
+LOCAL_MODEL_PATHS = {"vision_path": ("vision tower", "vision_hub"), "llm_path": ("language model", "llm_hub")}
 
 # The seed's recipe (LibMoE scripts): learning rate, global batch, ZeRO for each stage.
 # The seed (LibMoE) recipe; every stage in the model's chat template (LibMoE's pretrain scripts pass
@@ -50,6 +51,11 @@ class TrainConfig:
     stage: str = "sft"
     stage_tag: str | None = None  # e.g. the router, to keep several sft runs side by side
     preset: str = "tiny"
+    # local copies of a hub preset's vision tower and LLM (a folder as `hf download REPO
+    # --local-dir DIR` writes it) instead of the preset's hub repos; used where the stage builds its
+    # model from the preset (pretrain, unless init_from); the saved models after it need neither
+    vision_path: str | None = None
+    llm_path: str | None = None
     run_dir: str = "runs/default"
     # data: "easyvqa" (the embedded dataset, built on first use), a manifest (a name listed by
     # `libmoe data list`, or a .yaml file) prepared under data_root, or a LLaVA-format JSON/JSONL path
@@ -97,6 +103,11 @@ class TrainConfig:
     balance_coef: float | None = None  # None: the router's default (0.01; auxfree 1e-4)
     z_coef: float | None = None  # None: the router's default (0.001)
     router_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in LOCAL_MODEL_PATHS:  # a `~` no shell expanded (YAML, notebook parameters, a quoted --set)
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
 
     # ---- derived
     @property
@@ -296,9 +307,39 @@ def _check_data(cfg: TrainConfig) -> None:
                          f"is {'built in' if cfg.dataset == 'easyvqa' else 'a file: give image_folder for its images'}")
 
 
+def _check_local_model_paths(cfg: TrainConfig) -> None:
+    """``vision_path`` / ``llm_path``: only for a preset with hub weights; where the stage builds its model
+    from the preset, each one given must be a model folder on this machine, where a single-node run's ranks
+    load it (with a hostfile every node needs the same folders, as it needs the data). A stage that starts
+    from a saved model does not use them (a config file shared by the stages may keep them)."""
+    from ..model.presets import PRESETS, get_preset
+
+    given = [name for name in LOCAL_MODEL_PATHS if getattr(cfg, name) is not None]
+    if not given:
+        return
+    preset = get_preset(cfg.preset)
+    if preset.vision_hub is None:
+        hub = ", ".join(name for name, p in PRESETS.items() if p.vision_hub is not None)
+        raise ValueError(f"preset {cfg.preset!r} has no pretrained weights; vision_path/llm_path apply to hub presets "
+                         f"({hub}): leave {' and '.join(given)} unset")
+    if cfg.resolved_init_from() is not None:
+        return  # the stage starts from a saved model: the preset's towers are not loaded
+    for name in given:
+        what, hub = LOCAL_MODEL_PATHS[name]
+        path = Path(getattr(cfg, name))
+        if not path.is_dir():
+            raise ValueError(f"{name}: no folder {path} (a local copy of the {what} {getattr(preset, hub)}, e.g. from "
+                             f"`hf download {getattr(preset, hub)} --local-dir DIR`; unset: the hub or "
+                             "the HF cache)")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{name}: {path} holds no config.json (give the folder of a downloaded copy of "
+                             f"{getattr(preset, hub)}, the one with config.json and the weights)")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Value checks beyond types; each error names the field."""
     _check_data(cfg)
+    _check_local_model_paths(cfg)
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     if cfg.zero_stage not in ZERO_STAGES:

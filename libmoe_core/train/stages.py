@@ -1,6 +1,7 @@
 """The seed's stage rules: which model each stage starts from, what it trains, on which data.
 
-pretrain: dense model from the preset, projector only (vision tower and LLM frozen).
+pretrain: dense model from the preset (its hub weights, or the local copies ``vision_path`` /
+          ``llm_path``), projector only (vision tower and LLM frozen).
 pft:      the pretrain model, everything trains.
 sft:      the pft model, upcycled to MoE (placements, router, experts, k from the config),
           everything trains including the routers.
@@ -176,18 +177,21 @@ def check_moe_settings(cfg: TrainConfig) -> None:
 
 def load_stage_model(cfg: TrainConfig):
     """(model, processor) for the stage, with the stage's trainable parameters set."""
-    from ..model import LibMoEVLMForCausalLM
+    from ..model import LibMoEVLMForCausalLM, resolve_attn_implementation
     from ..model.placement import upcycle
     from ..model.presets import build_model, build_processor
     from ..model.processor import LibMoEProcessor
 
     source = check_init_model(cfg)
+    # built in fp32, trained in training_dtype: the attention kernel is chosen for the latter
+    attn = resolve_attn_implementation(None, training_dtype(cfg))
     if source is None:
         torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
-        model = build_model(cfg.preset, seed=cfg.seed)
-        processor = build_processor(cfg.preset)
+        local = {"vision_path": cfg.vision_path, "llm_path": cfg.llm_path}  # None: the preset's hub repos
+        model = build_model(cfg.preset, seed=cfg.seed, attn_implementation=attn, **local)
+        processor = build_processor(cfg.preset, **local)
     else:
-        model = LibMoEVLMForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = LibMoEVLMForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attn)
         processor = LibMoEProcessor.from_pretrained(source)
     if cfg.stage == "sft" and not model.config.moe:
         upcycle(
