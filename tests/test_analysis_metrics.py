@@ -393,3 +393,28 @@ def test_plots_of_a_grouped_table_show_the_layers_own_values_or_refuse(tmp_path)
     saturation = {float(i): agreement(runs[n], runs["c2"]) for i, n in enumerate(names)}
     assert {x: y for x, y in _plotted(fig.axes[0]).items() if not math.isnan(y)} == pytest.approx(switch)
     assert _plotted(fig.axes[1]) == pytest.approx(saturation)  # c1: 1/3 (weighting by `matched` gives 1/4)
+
+
+def test_per_layer_plots_of_a_trace_holding_several_checkpoints_draw_one_line_each(tmp_path):
+    """One trace folder may hold several checkpoints; its by=None table has a row per checkpoint and
+    layer, which entropy_curves / router_comparison refused as "grouped" (top-1 entropy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from libmoe_core.analysis import plots
+
+    one = trace_table([[0]] * 6 + [[1]] * 2, num_experts=4, checkpoint="c0")  # top-1 shares 3/4, 1/4
+    two = trace_table([[0]] * 4 + [[1]] * 4, num_experts=4, checkpoint="c1")  # 1/2, 1/2
+    folder = tmp_path / "trace"
+    folder.mkdir()
+    write_trace(one, folder / "part-0.parquet"), write_trace(two, folder / "part-1.parquet")
+    table = analyze(str(folder), compare=False)
+    entropy = {c: -sum(p * math.log(p) for p in shares) / math.log(4) for c, shares in
+               (("c0", (0.75, 0.25)), ("c1", (0.5, 0.5)))}
+    for fig in (plots.entropy_curves(table, metrics=("top1_entropy_norm",)),
+                plots.router_comparison({"run": table}, "top1_entropy_norm")):
+        lines = sorted(float(line.get_ydata()[0]) for line in fig.axes[0].lines if len(line.get_ydata()))
+        assert lines == pytest.approx(sorted(entropy.values()))
+    plt.close("all")

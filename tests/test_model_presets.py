@@ -181,3 +181,21 @@ def test_automatic_attention_gives_flash_attn_only_half_precision_models(monkeyp
     assert resolve_attn_implementation(None, torch.float16) == "flash_attention_2"
     assert resolve_attn_implementation(None) == "flash_attention_2"  # dtype not known (cast later, e.g. training)
     assert build_model("tiny").config.text_config._attn_implementation == "sdpa"  # fp32 by default
+
+
+def test_a_weightless_build_never_downloads(monkeypatch):
+    """It looks for the preset's tokenizer (for its <image> id) in local files only: online it fetched
+    the tokenizer, offline without HF_HUB_OFFLINE it waited ~46 s in retries."""
+    from transformers import AutoTokenizer
+
+    calls = []
+
+    def from_pretrained(name, **kwargs):
+        calls.append((name, kwargs))
+        raise OSError("not in the local cache")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+    with torch.device("meta"):
+        model = build_model("siglip224-phi35", load_weights=False)
+    assert calls == [("microsoft/Phi-3.5-mini-instruct", {"local_files_only": True})]
+    assert model.config.image_token_id == PRESETS["siglip224-phi35"].text_config["vocab_size"] - 1  # placeholder

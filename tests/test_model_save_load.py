@@ -80,7 +80,9 @@ def test_from_pretrained_chooses_attention_as_build_model_does(tmp_path, monkeyp
     monkeypatch.setattr(modeling, "resolve_attn_implementation", lambda requested, dtype=None: asked.append((requested, dtype)) or "eager")
     assert LibMoEVLMForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "eager"  # was sdpa, always
     assert LibMoEVLMForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).config._attn_implementation == "eager"
-    assert asked == [(None, None), (None, torch.float32)]  # the dtype reaches the choice: flash-attn needs fp16/bf16
+    assert LibMoEVLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).config._attn_implementation == "eager"
+    # the dtype reaches the choice (flash-attn needs fp16/bf16); by default ("auto") the checkpoint's own: fp32
+    assert asked == [(None, torch.float32), (None, torch.float32), (None, torch.bfloat16)]
     monkeypatch.undo()
     # other values are transformers' own to take (they were refused as unknown)
     per_part = {"text_config": "eager", "vision_config": "sdpa"}

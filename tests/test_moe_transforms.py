@@ -113,3 +113,57 @@ def test_computed_buffers_are_the_built_ones_and_keep_their_dtype_under_casts():
     tc = distinct_layer("tcmoe").to(torch.bfloat16).router
     tc.load_state_dict(tc.state_dict())
     assert tc.slot_sign.dtype == torch.float32 and tc.slot_to_ffn.dtype == torch.long
+
+
+@pytest.mark.parametrize("router", BUFFERED)
+def test_load_with_assign_puts_computed_buffers_beside_the_parameters(router):
+    """``load_state_dict(assign=True)`` into a meta-built layer left the recomputed buffers on meta."""
+    layer = distinct_layer(router)
+    with torch.device("meta"):
+        twin = build_moe(gated_mlp(), router, 4, 2, impl="loop", seed=3)
+    twin.load_state_dict(layer.state_dict(), strict=True, assign=True)
+    assert {b.device.type for b in twin.router.buffers()} == {"cpu"}
+    x = torch.randn(10, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), layer(x), atol=0, rtol=0)
+
+
+def test_a_load_refreshes_computed_buffers_in_place():
+    """A wrapper holding the buffer objects (DDP broadcasts them) must see the fresh values."""
+    layer = distinct_layer("tcmoe")
+    table = layer.router.slot_to_ffn
+    table.fill_(0)
+    layer.load_state_dict(layer.state_dict())
+    assert layer.router.slot_to_ffn is table and torch.equal(table, layer.router.computed_buffers()["slot_to_ffn"])
+
+
+def test_a_plugin_routers_own_non_persistent_buffer_survives_from_pretrained(tmp_path, monkeypatch):
+    """A router of your own may register a non-persistent buffer the ordinary way, without listing it
+    in computed_buffers(): from_pretrained (whose loader never calls load_state_dict) rebuilds it from a
+    fresh twin of the router, as before computed buffers existed (it was left uninitialised)."""
+    from libmoe_core.model import LibMoEVLMForCausalLM
+    from libmoe_core.model.placement import placed_moe_layers
+    from libmoe_core.model.presets import build_model
+    from libmoe_core.moe import ROUTERS
+    from libmoe_core.moe.routers import SMoERouter
+
+    class ReversedIds(SMoERouter):
+        def __init__(self, hidden_size, num_experts, top_k, **kw):
+            super().__init__(hidden_size, num_experts, top_k, **kw)
+            self.register_buffer("perm", torch.arange(num_experts).flip(0), persistent=False)
+
+        def select(self, logits):
+            idx, w, p = super().select(logits)
+            return self.perm[idx], w, p
+
+    ReversedIds.name = "test_reversed_ids"
+    monkeypatch.setitem(ROUTERS, "test_reversed_ids", ReversedIds)
+    model = build_model("tiny", router="test_reversed_ids", moe_llm_layers=[0])
+    model.save_pretrained(tmp_path)
+    loaded = LibMoEVLMForCausalLM.from_pretrained(tmp_path)
+    ((_, _, layer),) = placed_moe_layers(loaded)
+    assert layer.router.perm.tolist() == [3, 2, 1, 0]
+    ids = torch.randint(5, 100, (1, 9))
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=0)

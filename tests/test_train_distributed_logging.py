@@ -24,6 +24,7 @@ LENGTHS = [(1 if i % 3 else -1) * (i + 1) for i in range(N)]  # image (> 0) and 
 # no vision routing), so rank 0's numbers alone differ from the all-rank means
 LM = {0: 1.0, 1: 2.0}
 AUX = {0: {"llm/balance": 0.1}, 1: {"vision/balance": 0.2}}
+TERMS = {0: {"llm/balance": 1.5}, 1: {"vision/balance": 0.8}}  # unweighted router terms, as aux_terms
 
 
 def _worker(out: Path) -> None:
@@ -42,6 +43,7 @@ def _worker(out: Path) -> None:
         loss: torch.Tensor | None = None
         lm_loss: torch.Tensor | None = None
         aux_losses: dict | None = None
+        aux_terms: dict | None = None
 
     class Toy(nn.Module):
         def __init__(self):
@@ -52,7 +54,8 @@ def _worker(out: Path) -> None:
             rank, zero = dist.get_rank(), 0 * (self.w * x.mean()).sum()
             lm = torch.tensor(LM[rank]) + zero
             aux = {k: torch.tensor(v) + zero for k, v in AUX[rank].items()}
-            return Output(loss=lm + sum(aux.values()), lm_loss=lm, aux_losses=aux)
+            terms = {k: torch.tensor(v) + zero for k, v in TERMS[rank].items()}
+            return Output(loss=lm + sum(aux.values()), lm_loss=lm, aux_losses=aux, aux_terms=terms)
 
     class Recording(MoETrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -111,7 +114,10 @@ def two_rank_run(tmp_path_factory):
 @pytest.mark.slow
 def test_logged_loss_components_are_means_over_every_rank(two_rank_run):
     # each rank runs one micro-batch per step: the mean of a term is (rank 0's + rank 1's) / 2, 0 where absent
-    expected = {"lm_loss": (1.0 + 2.0) / 2, "aux/llm/balance": (0.1 + 0.0) / 2, "aux/vision/balance": (0.0 + 0.2) / 2}
+    expected = {"lm_loss": (1.0 + 2.0) / 2, "aux/llm/balance": (0.1 + 0.0) / 2, "aux/vision/balance": (0.0 + 0.2) / 2,
+                # unweighted router terms: the mean over the micro-batches that routed through the placement
+                # (a balance halved by the other rank's text-only batches would read as better than even)
+                "router/llm/balance": 1.5, "router/vision/balance": 0.8}
     for rank, result in enumerate(two_rank_run):
         logs = result["logs"]
         assert [row["step"] for row in logs] == list(range(1, 2 * STEPS_PER_EPOCH + 1)), rank

@@ -47,6 +47,13 @@ POOLED_WEIGHTS = {
 }
 
 
+def _checkpoint_style(table, used) -> str | None:
+    """``"checkpoint"`` when the table holds several checkpoints (one trace can) and no other plot
+    key separates them: a line per checkpoint, not one pooled over them."""
+    several = "checkpoint" in table.columns and table["checkpoint"].nunique() > 1
+    return "checkpoint" if several and "checkpoint" not in used else None
+
+
 def layer_values(table, keys: list[str], metrics: list[str]):
     """One row per ``keys`` with each metric of its rows pooled as the layer's value.
 
@@ -82,6 +89,7 @@ def entropy_curves(table, metrics=("router_entropy_norm", "top1_entropy_norm", "
     """Per-layer curves of entropy-type metrics, one panel per metric, one line per ``hue``."""
     plt, sns = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
+    style = _checkpoint_style(table, (hue, style)) or style
     table = layer_values(table, [k for k in ("layer", hue, style) if k], list(metrics))
     for ax, metric in zip(axes[0], metrics):
         sns.lineplot(data=table, x="layer", y=metric, hue=hue, style=style, marker="o", ax=ax, errorbar=None)
@@ -195,8 +203,9 @@ def router_comparison(tables: dict, metric: str = "router_entropy_norm"):
     plt, sns = _plt()
     fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.4), sharey=True, squeeze=False)
     for ax, (name, table) in zip(axes[0], tables.items()):
-        table = layer_values(table, ["layer", "placement"], [metric])
-        sns.lineplot(data=table, x="layer", y=metric, hue="placement", marker="o", ax=ax, errorbar=None)
+        style = _checkpoint_style(table, ("placement",))
+        table = layer_values(table, [k for k in ("layer", "placement", style) if k], [metric])
+        sns.lineplot(data=table, x="layer", y=metric, hue="placement", style=style, marker="o", ax=ax, errorbar=None)
         ax.set_title(str(name))
         _integer_x(ax)
     fig.suptitle(metric)

@@ -121,9 +121,8 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
             _check_checkpoint(path, kwargs)
         # The attention kernel is not saved: the same default as build_model (flash-attn > sdpa > eager);
         # any other value is transformers' to accept or refuse ("paged|sdpa", a per-sub-config dict, ...).
-        if kwargs.get("attn_implementation") in (None, "auto"):
-            dtype = kwargs.get("dtype")  # flash-attn only for fp16/bf16 (an unknown dtype, e.g. "auto", allows it)
-            kwargs["attn_implementation"] = resolve_attn_implementation(None, dtype if isinstance(dtype, torch.dtype) else None)
+        if kwargs.get("attn_implementation") in (None, "auto"):  # flash-attn only for fp16/bf16
+            kwargs["attn_implementation"] = resolve_attn_implementation(None, _load_dtype(path, kwargs))
         wants_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
         _copy_unaligned_router_tensors(model)
@@ -374,6 +373,22 @@ def _token_mask_contexts(model, user_context_fn=None):
                     layer.last_routing = routing
 
     return forward_ctx, with_forward_masks()
+
+
+def _load_dtype(path: str, kwargs: dict) -> torch.dtype | None:
+    """The dtype ``from_pretrained`` loads in: the ``dtype`` asked, or for transformers' default
+    ``"auto"`` the checkpoint's own (its config's); None where it cannot be told."""
+    dtype = kwargs.get("dtype", "auto")
+    if dtype == "auto":
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        try:
+            config = PretrainedConfig.get_config_dict(path, **hub)[0]
+        except (OSError, ValueError):
+            return None
+        dtype = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def _check_checkpoint(path: str, kwargs: dict) -> None:

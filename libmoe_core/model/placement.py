@@ -19,6 +19,7 @@ from __future__ import annotations
 import operator
 import re
 
+import torch
 from torch import nn
 
 from ..moe import MoELayer, build_moe, check_router_options
@@ -155,6 +156,7 @@ def apply_placement(model, placement: str, spec: dict, *, noise: bool = True) ->
             seed=int(spec.get("seed") or 0) + PLACEMENT_SEED_OFFSET[placement] + i,
             **options,
         )
+        layer.router._libmoe_build = (spec["num_experts"], spec["top_k"], options)  # a fresh twin: restore_router_buffers
         setattr(parent, attr, layer)
 
 
@@ -186,9 +188,20 @@ def placed_moe_layers(model) -> list[tuple[str, int, MoELayer]]:
 
 
 def restore_router_buffers(model) -> None:
-    """Recompute routers' non-persistent buffers (a meta-device load leaves them uninitialised)."""
+    """Recompute routers' non-persistent buffers (a meta-device load leaves them uninitialised):
+    the :meth:`~libmoe_core.moe.Router.computed_buffers`, and any other one (a router of your own
+    that does not list it there) copied from a freshly built twin of the router."""
     for _, _, layer in placed_moe_layers(model):
-        layer.router.reset_computed_buffers()
+        router = layer.router
+        router.reset_computed_buffers()
+        others = sorted(router._non_persistent_buffers_set - set(router.computed_buffers()))
+        if not others:
+            continue
+        num_experts, top_k, options = router._libmoe_build
+        with torch.device("cpu"):
+            fresh = type(router)(router.hidden_size, num_experts, top_k, **options)
+        for name in others:
+            setattr(router, name, getattr(fresh, name).to(getattr(router, name).device))
 
 
 def freeze_fixed_router_parts(model) -> None:

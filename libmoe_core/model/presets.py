@@ -148,10 +148,10 @@ def _hub_paths(preset: Preset, vision_path, llm_path) -> tuple[str, str]:
     return vision, llm
 
 
-def _hub_tokenizer(llm: str):
+def _hub_tokenizer(llm: str, local_files_only: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(llm)
+    tok = AutoTokenizer.from_pretrained(llm, local_files_only=local_files_only)
     if IMAGE_PLACEHOLDER not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
     if tok.pad_token is None:
@@ -265,9 +265,10 @@ def _refuse_sub_config_overrides(spec: Preset) -> None:
 
 
 def _reachable_tokenizer(spec: Preset, llm_path):
-    """The hub preset's tokenizer if it loads here (a local folder or the HF cache), else None."""
+    """The hub preset's tokenizer if it loads here (a local folder or the HF cache; nothing is
+    downloaded: a weightless build is for counting parameters offline), else None."""
     try:
-        return _hub_tokenizer(os.path.expanduser(os.fspath(llm_path)) if llm_path else spec.llm_hub)
+        return _hub_tokenizer(os.path.expanduser(os.fspath(llm_path)) if llm_path else spec.llm_hub, local_files_only=True)
     except (OSError, ValueError):
         return None
 

@@ -145,6 +145,7 @@ class Router(nn.Module):
             "balance": _check_coef("balance_coef", self.default_balance_coef if balance_coef is None else balance_coef),
             "z": _check_coef("z_coef", self.default_z_coef if z_coef is None else z_coef),
         }
+        self.register_load_state_dict_post_hook(_reset_computed_buffers_after_load)  # after its children too
         if top_k > self.num_choices:
             raise ValueError(
                 f"router '{self.name}': top_k={top_k} exceeds the {self.num_choices} choosable slots "
@@ -155,7 +156,8 @@ class Router(nn.Module):
         """The router's non-persistent buffers as a fresh build has them, computed from its sizes
         (slot tables, load counters). Registered by :meth:`register_computed_buffers` and made
         again after every state-dict load, as no checkpoint holds them (a layer built on the meta
-        device and then ``to_empty`` would otherwise keep uninitialised memory there)."""
+        device and then ``to_empty`` would otherwise keep uninitialised memory there). A router of
+        your own lists its non-persistent buffers here."""
         return {}
 
     def register_computed_buffers(self) -> None:
@@ -164,13 +166,18 @@ class Router(nn.Module):
             self.register_buffer(name, value, persistent=False)
 
     def reset_computed_buffers(self) -> None:
-        """Overwrite the :meth:`computed_buffers` with fresh values, on the device they are on."""
+        """Put fresh :meth:`computed_buffers` values in place: copied into the existing buffer where
+        it can take them (a wrapper such as DDP keeps its references), else as a new buffer on the
+        device of the router's parameters (a load with ``assign=True`` leaves meta buffers behind)."""
+        device = next((p.device for p in self.parameters() if not p.is_meta), None)
         for name, value in self.computed_buffers().items():
-            self._buffers[name] = value.to(self._buffers[name].device)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.reset_computed_buffers()
+            old = self._buffers.get(name)
+            if old is not None and not old.is_meta and old.shape == value.shape and old.dtype == value.dtype:
+                with torch.no_grad():
+                    old.copy_(value)
+                continue
+            target = old.device if old is not None and (not old.is_meta or device is None) else device
+            self.register_buffer(name, value.to(target) if target is not None else value, persistent=False)
 
     def freeze_fixed(self) -> None:
         """``requires_grad = False`` on the :attr:`fixed_submodules` (after building, after loading,
@@ -293,6 +300,11 @@ class Router(nn.Module):
     def extra_repr(self) -> str:
         coefs = ", ".join(f"{k}_coef={v:g}" for k, v in self.coefs.items())
         return f"name={self.name}, hidden_size={self.hidden_size}, num_experts={self.num_experts}, top_k={self.top_k}, {coefs}"
+
+
+def _reset_computed_buffers_after_load(router: Router, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: no checkpoint holds the computed buffers, so they are made again."""
+    router.reset_computed_buffers()
 
 
 def _check_positive_int(field_name: str, value) -> int:

@@ -31,9 +31,12 @@ def _barrier() -> None:
 
 
 class MoETrainer(Trainer):
-    """Adds to each training log: ``lm_loss``, every auxiliary loss the model reports
-    (``aux/<placement>/<term>``, weighted as in the loss; ``router/<placement>/<term>``
-    unweighted), ``tokens_per_s`` and the hyper router's ``hyper_k``."""
+    """Adds to each training log, as means over the window's micro-batches on every rank:
+    ``lm_loss``, every auxiliary loss the model reports (``aux/<placement>/<term>``, weighted as
+    in the loss and averaged over all micro-batches, so ``loss = lm_loss + sum(aux/*)``),
+    ``router/<placement>/<term>`` (unweighted and averaged over the micro-batches that routed
+    through the placement: a vision balance of 1 means even, whatever share of batches had
+    images), ``tokens_per_s`` and the hyper router's ``hyper_k``."""
 
     def __init__(self, *args, modality_lengths: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,6 +45,7 @@ class MoETrainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self.modality_lengths = modality_lengths
         self._sums: dict[str, float] = defaultdict(float)
+        self._counts: dict[str, int] = defaultdict(int)  # micro-batches that reported each key
         self._micro_steps = 0
         self._tokens = 0
         self._window_start: float | None = None
@@ -83,12 +87,16 @@ class MoETrainer(Trainer):
         if not model.training:  # evaluate() calls this too: its batches are not training metrics
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         with torch.no_grad():
+            reported = {}
             if getattr(outputs, "lm_loss", None) is not None:
-                self._sums["lm_loss"] += float(outputs.lm_loss)
+                reported["lm_loss"] = float(outputs.lm_loss)
             for name, value in (getattr(outputs, "aux_losses", None) or {}).items():
-                self._sums[f"aux/{name}"] += float(value)  # coefficient-weighted, as in the loss
+                reported[f"aux/{name}"] = float(value)  # coefficient-weighted, as in the loss
             for name, value in (getattr(outputs, "aux_terms", None) or {}).items():
-                self._sums[f"router/{name}"] += float(value)  # unweighted (balance = 1 when even)
+                reported[f"router/{name}"] = float(value)  # unweighted (balance = 1 when even)
+            for name, value in reported.items():
+                self._sums[name] += value
+                self._counts[name] += 1
             self._micro_steps += 1
             self._tokens += int(inputs["attention_mask"].sum())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -98,36 +106,39 @@ class MoETrainer(Trainer):
             return
         # every rank logs the training loss at the same steps (transformers gathers it from all of them
         # first), so the collectives in _window_totals line up; "loss" is never in evaluate()'s logs
-        sums, micro_steps, tokens = self._window_totals() if "loss" in logs else ({}, 0, 0.0)
+        sums, counts, micro_steps, tokens = self._window_totals() if "loss" in logs else ({}, {}, 0, 0.0)
         if micro_steps:
-            for name, total in sums.items():
-                logs[name] = total / micro_steps
+            for name, total in sums.items():  # router terms: over the micro-batches that routed them
+                logs[name] = total / (counts[name] if name.startswith("router/") else micro_steps)
             start = self._window_start if self._window_start is not None else time.perf_counter()
             logs["tokens_per_s"] = tokens / max(time.perf_counter() - start, 1e-9)
             ks = [m.router.current_k() for _, m in moe_layers(self.model) if hasattr(m.router, "k_min")]
             if ks:
                 logs["hyper_k"] = ks[0]
             self._sums.clear()
+            self._counts.clear()
             self._micro_steps = self._tokens = 0
             self._window_start = time.perf_counter()  # the next window includes data loading
         super().log(logs, start_time)
 
-    def _window_totals(self) -> tuple[dict[str, float], int, float]:
-        """The logging window's metric sums, micro-steps and tokens, summed over all ranks.
+    def _window_totals(self) -> tuple[dict[str, float], dict[str, int], int, float]:
+        """The logging window's metric sums, per-key counts, micro-steps and tokens, summed over all ranks.
 
         ``loss`` is transformers' mean over all ranks, so ``lm_loss``, ``aux/*`` and ``router/*`` are
         too: one all-reduce of the sums and counts, under the union of the ranks' keys (a rank can lack
         one in a window, e.g. no image, so no vision routing, in its micro-batches; it adds 0 there)."""
         if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return dict(self._sums), self._micro_steps, float(self._tokens)
+            return dict(self._sums), dict(self._counts), self._micro_steps, float(self._tokens)
         key_lists = [None] * dist.get_world_size()
         dist.all_gather_object(key_lists, sorted(self._sums))
         keys = sorted(set().union(*key_lists))
-        packed = torch.tensor([self._sums.get(k, 0.0) for k in keys] + [self._micro_steps, self._tokens],
+        values = [self._sums.get(k, 0.0) for k in keys] + [self._counts.get(k, 0) for k in keys]
+        packed = torch.tensor(values + [self._micro_steps, self._tokens],
                               dtype=torch.float64, device=self.args.device)  # nccl reduces device tensors only
         dist.all_reduce(packed)
         *totals, micro_steps, tokens = packed.tolist()
-        return dict(zip(keys, totals)), round(micro_steps), tokens
+        sums, counts = totals[: len(keys)], totals[len(keys):]
+        return dict(zip(keys, sums)), {k: round(c) for k, c in zip(keys, counts)}, round(micro_steps), tokens
 
 
 class RouterScheduleCallback(TrainerCallback):
