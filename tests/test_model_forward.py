@@ -12,13 +12,14 @@ from libmoe_core.model.presets import build_model
 T = 16  # tiny preset: 8x8 patches pooled 2x2
 
 
-def batch(model, images_per_sample=(1, 0, 2), length=24, seed=0):
-    """input_ids with expanded image tokens (text-only and multi-image samples), labels, pixel_values."""
+def batch(model, images_per_sample=(1, 0, 2), length=24, seed=0, shrink=0):
+    """input_ids with expanded image tokens (text-only and multi-image samples), labels, and
+    pixel_values when some sample has an image; row i has ``length - shrink * i`` text tokens."""
     g = torch.Generator().manual_seed(seed)
     tok = model.config.image_token_id
     rows = []
-    for n in images_per_sample:
-        text = torch.randint(20, 400, (length,), generator=g).tolist()
+    for i, n in enumerate(images_per_sample):
+        text = torch.randint(20, 400, (length - shrink * i,), generator=g).tolist()
         rows.append(text[:3] + [tok] * (T * n) + text[3:])
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), 1)
@@ -26,10 +27,11 @@ def batch(model, images_per_sample=(1, 0, 2), length=24, seed=0):
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    labels = ids.masked_fill((ids == tok) | (mask == 0), -100)
-    pixels = torch.randn(sum(images_per_sample), 3, 64, 64, generator=g)
-    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels,
-                image_counts=torch.tensor(images_per_sample))
+    out = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill((ids == tok) | (mask == 0), -100))
+    if sum(images_per_sample):
+        out["pixel_values"] = torch.randn(sum(images_per_sample), 3, 64, 64, generator=g)
+        out["image_counts"] = torch.tensor(images_per_sample)
+    return out
 
 
 COMBOS = list(itertools.product([False, True], repeat=3))
@@ -124,9 +126,7 @@ def test_text_only_batch_has_no_vision_aux():
     model = build_model("tiny", moe_vision=True, moe_llm_layers=[0])
     first = model(**batch(model))
     assert "vision/balance" in first.aux_losses
-    text = batch(model, (0, 0))
-    text.pop("pixel_values")
-    out = model(**text)
+    out = model(**batch(model, (0, 0)))
     assert set(out.aux_losses) == {"llm/balance", "llm/z"}  # no stale vision routing from the first call
 
 

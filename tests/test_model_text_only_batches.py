@@ -13,34 +13,16 @@ from datetime import timedelta
 
 import pytest
 import torch
+from test_model_forward import batch
 
 from libmoe_core.model.placement import placed_moe_layers
 from libmoe_core.model.presets import build_model
 from libmoe_core.train.stages import set_trainable
 
-T = 16  # tiny preset: 8x8 patches pooled 2x2
 
-
-def make_batch(model, images_per_sample=(0, 0), length=20, seed=0):
-    """input_ids with expanded image tokens, attention_mask with padding, labels; pixel_values
-    only when some sample has an image."""
-    g = torch.Generator().manual_seed(seed)
-    tok = model.config.image_token_id
-    rows = []
-    for i, n in enumerate(images_per_sample):
-        text = torch.randint(20, 400, (length - 3 * i,), generator=g).tolist()  # rows of different lengths
-        rows.append(text[:3] + [tok] * (T * n) + text[3:])
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), 1)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    out = dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill((ids == tok) | (mask == 0), -100))
-    if sum(images_per_sample):
-        out["pixel_values"] = torch.randn(sum(images_per_sample), 3, 64, 64, generator=g)
-        out["image_counts"] = torch.tensor(images_per_sample)
-    return out
+def make_batch(model, images_per_sample=(0, 0), seed=0):
+    """A padded batch (rows of different lengths); pixel_values only when some sample has an image."""
+    return batch(model, images_per_sample, length=20, seed=seed, shrink=3)
 
 
 def image_side(name: str) -> bool:
