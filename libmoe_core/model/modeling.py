@@ -375,14 +375,18 @@ def _token_mask_contexts(model, user_context_fn=None):
     return forward_ctx, with_forward_masks()
 
 
+def _hub_options(kwargs: dict) -> dict:
+    """The ``from_pretrained`` options that say where a config is read from."""
+    return {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+
+
 def _load_dtype(path: str, kwargs: dict) -> torch.dtype | None:
     """The dtype ``from_pretrained`` loads in: the ``dtype`` asked, or for transformers' default
     ``"auto"`` the checkpoint's own (its config's); None where it cannot be told."""
     dtype = kwargs.get("dtype", "auto")
     if dtype == "auto":
-        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
         try:
-            config = PretrainedConfig.get_config_dict(path, **hub)[0]
+            config = PretrainedConfig.get_config_dict(path, **_hub_options(kwargs))[0]
         except (OSError, ValueError):
             return None
         dtype = config.get("dtype") or config.get("torch_dtype")
@@ -398,8 +402,7 @@ def _check_checkpoint(path: str, kwargs: dict) -> None:
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if kwargs.get("config") is not None:
         return
-    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
-    model_type = PretrainedConfig.get_config_dict(path, **hub)[0].get("model_type")
+    model_type = PretrainedConfig.get_config_dict(path, **_hub_options(kwargs))[0].get("model_type")
     if model_type != LibMoEVLMConfig.model_type:
         raise ValueError(f"{path} holds a {model_type!r} model, not a {LibMoEVLMConfig.model_type!r} checkpoint "
                          "(import real weights with a preset; see build_model)")

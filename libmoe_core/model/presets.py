@@ -125,12 +125,16 @@ def _merge(base: dict, update: dict | None) -> dict:
     return out
 
 
+def _local_or_hub(path, hub_id: str) -> str:
+    """A local copy's folder (``~`` expanded) when one is given, else the hub id."""
+    return os.path.expanduser(os.fspath(path)) if path else hub_id
+
+
 def _hub_paths(preset: Preset, vision_path, llm_path) -> tuple[str, str]:
     """Local paths of the preset's tower and LLM, or a fail-fast error saying what to download."""
     from transformers import AutoConfig
 
-    vision = os.path.expanduser(os.fspath(vision_path)) if vision_path else preset.vision_hub
-    llm = os.path.expanduser(os.fspath(llm_path)) if llm_path else preset.llm_hub
+    vision, llm = _local_or_hub(vision_path, preset.vision_hub), _local_or_hub(llm_path, preset.llm_hub)
     missing = []
     for what, path in (("vision tower", vision), ("language model", llm)):
         try:
@@ -268,7 +272,7 @@ def _reachable_tokenizer(spec: Preset, llm_path):
     """The hub preset's tokenizer if it loads here (a local folder or the HF cache; nothing is
     downloaded: a weightless build is for counting parameters offline), else None."""
     try:
-        return _hub_tokenizer(os.path.expanduser(os.fspath(llm_path)) if llm_path else spec.llm_hub, local_files_only=True)
+        return _hub_tokenizer(_local_or_hub(llm_path, spec.llm_hub), local_files_only=True)
     except (OSError, ValueError):
         return None
 
