@@ -10,7 +10,9 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny",
+                        help="model preset (tiny, or a hub preset listed in docs/model.md); a hub preset's local copies go in with "
+                        "--set pretrain.vision_path=DIR --set pretrain.llm_path=DIR")
     parser.add_argument("--router", dest="routers", action="append", help="router for the sft stage (repeatable)")
     parser.add_argument("--stages", default="pretrain,pft,sft,eval,analysis", help="comma-separated subset, in order")
     parser.add_argument("--run-name", default="default", help="run folder under --runs-root")

@@ -9,7 +9,7 @@ def register(sub) -> None:
     p.add_argument("--config", help="YAML file of training config keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set router=sigmoid --set max_steps=2")
-    p.add_argument("--num-procs", type=int, help="processes (GPUs, or CPU workers) per node")
+    p.add_argument("--num-procs", type=int, help="processes (GPUs, or CPU workers) on this node; with --hostfile its slots= set the processes")
     p.add_argument("--zero", choices=["2", "3", "3-offload"], help="DeepSpeed ZeRO stage")
     p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs (passed to the launcher)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")

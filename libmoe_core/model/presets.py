@@ -195,7 +195,11 @@ def build_model(
 
     ``overrides``: LibMoEVLMConfig fields (``vision_feature_layer``, ``image_pool``,
     ``projector_type``, ``vision_scales``) and ``vision_config`` / ``text_config`` dicts
-    merged into the preset's sub-configs (e.g. ``text_config={"model_type": "llama"}``).
+    merged into the preset's sub-configs (e.g. ``text_config={"model_type": "llama"}``; the tiny
+    preset, or a hub preset with ``load_weights=False``: refused for a hub preset's loaded tower
+    and LLM, which keep their checkpoints' configs).
+    ``vision_path`` / ``llm_path``: local copies of a hub preset's tower / LLM (``~`` expanded)
+    instead of the hub repos or the HF cache.
     ``load_weights`` applies to hub presets (the tiny preset is always random).
     ``dtype``: of the whole model, fp32 by default (hub checkpoints are loaded in it, not in
     their own dtypes: Phi-3.5 ships bf16, SigLIP fp32).
@@ -209,7 +213,7 @@ def build_model(
     fields = _merge(spec.model_fields, overrides)
     hub = spec.vision_hub is not None and load_weights
     if hub and (vision_update or text_update):
-        _refuse_sub_config_overrides(spec)
+        _refuse_sub_config_overrides(spec, "build_model")
     attn = resolve_attn_implementation(attn_implementation, dtype=dtype or torch.float32)
     if spec.vision_hub is None or not load_weights:
         tokenizer = load_tiny_tokenizer() if spec.vision_hub is None else None
@@ -260,11 +264,12 @@ def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> No
         module._buffers[name] = buffer
 
 
-def _refuse_sub_config_overrides(spec: Preset) -> None:
+def _refuse_sub_config_overrides(spec: Preset, caller: str) -> None:
+    where = ("they shape randomly initialised models (the tiny preset, or load_weights=False)" if caller == "build_model"
+             else "a hub preset's processor takes its image settings from the tower checkpoint")
     raise TypeError(
         f"preset {spec.name!r} loads its vision tower and LLM with their checkpoints' configs, so vision_config / "
-        "text_config overrides cannot apply; they shape randomly initialised models (the tiny preset, or "
-        "load_weights=False)"
+        f"text_config overrides cannot apply to {caller}; {where}"
     )
 
 
@@ -352,7 +357,7 @@ def build_processor(
         from transformers import AutoImageProcessor
 
         if overrides.get("vision_config") or overrides.get("text_config"):
-            _refuse_sub_config_overrides(spec)
+            _refuse_sub_config_overrides(spec, "build_processor")
         vision, llm = _hub_paths(spec, vision_path, llm_path)
         tokenizer = _hub_tokenizer(llm)
         image_processor = AutoImageProcessor.from_pretrained(vision, backend="pil")  # LLaVA's PIL path, as LibMoEProcessor

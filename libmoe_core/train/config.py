@@ -77,7 +77,7 @@ class TrainConfig:
     num_train_epochs: float = 1.0
     max_steps: int = -1
     warmup_ratio: float = 0.03
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = "cosine"  # a transformers SchedulerType needing no extra kwargs nor evaluation
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 42
@@ -92,7 +92,7 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 1
     dataloader_num_workers: int = 0
-    group_by_modality_length: bool = True
+    group_by_modality_length: bool = True  # LLaVA's length-grouped batches, image and text-only apart
     # MoE (sft stage): placements, router and sizes
     router: str = "smoe"
     num_experts: int = 4
