@@ -141,6 +141,99 @@ def test_traces_do_not_depend_on_the_batch_when_samples_stop_early(checkpoint, t
     assert min(lengths) < max(lengths) == 5, lengths  # some samples stopped early: the check is not vacuous
 
 
+#: per-document stop strings: rows of one batch stop at different steps, on a stop string (docs 1 and 4: a
+#: stop spanning two tokens, a list of two) or on the end token "?" (docs 2, 3, 5), or run on (doc 0)
+UNTIL = {0: ["never"], 1: ["--"], 2: ["never"], 3: ["never"], 4: ["zzz", "questio red"], 5: ["yy"]}
+LIMIT = 16
+
+
+def stop_requests(doc_ids, until=UNTIL):
+    requests = gen_requests(LIMIT)
+    for request in requests:
+        request.args[1]["until"] = until[request.args[3]]
+    return [requests[d] for d in doc_ids]
+
+
+def end_at_question_marks(lm):
+    lm.model.generation_config.eos_token_id = lm.processor.tokenizer("?", add_special_tokens=False)["input_ids"]
+    return lm
+
+
+def generate_then_cut(lm, requests):
+    """The oracle: no early stop. Every row generates LIMIT tokens, then is cut at its stop strings.
+    Returns the new tokens [B, LIMIT] and the answers."""
+    from libmoe_core.evaluation.lmms_model import _cut, request_stops
+
+    visuals = [lm._visuals(r.args[2], r.args[4], r.args[5], r.args[3]) for r in requests]
+    inputs = lm._inputs([lm.processor.prompt(r.args[0], num_images=len(v)) for r, v in zip(requests, visuals)], visuals)
+    with torch.no_grad():
+        new = lm.model.generate(**inputs, max_new_tokens=LIMIT, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    stops = [request_stops(r.args[1]["until"], lm.stops) for r in requests]
+    return new, [_cut(text, s) for text, s in zip(lm.processor.batch_decode(new), stops)]
+
+
+def first_stop(lm, tokens, until):
+    """(step, why): the first step whose token is an end token or completes one of the stop strings."""
+    eos = set(lm.model.generation_config.eos_token_id)
+    for k in range(1, len(tokens) + 1):
+        if tokens[k - 1] in eos:
+            return k, "eos"
+        if any(u in lm.processor.batch_decode([tokens[:k]])[0] for u in until):
+            return k, "stop"
+    return len(tokens), "limit"
+
+
+def test_rows_stop_at_their_own_stop_strings_and_answers_do_not_change(checkpoint):
+    """Each row stops at its first end token or stop string; the batch generates no step after its
+    last row stopped, and every answer is the one generating LIMIT tokens and cutting gives."""
+    lm = end_at_question_marks(make(checkpoint))
+    forwards = []
+    lm.model.register_forward_hook(lambda *_: forwards.append(1))  # one forward per generated token
+    for doc_ids in ([0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5]):
+        requests = stop_requests(doc_ids)
+        new, expected = generate_then_cut(lm, requests)
+        stops = [first_stop(lm, row, UNTIL[d]) for row, d in zip(new.tolist(), doc_ids)]
+        forwards.clear()
+        assert lm._generate_batch(requests) == expected
+        assert len(forwards) == max(step for step, _ in stops), stops
+        # not vacuous: rows stop at different steps, on stop strings and end tokens, some cut
+        assert len({step for step, _ in stops}) >= 4 and {"stop", "eos"} <= {why for _, why in stops}, stops
+        assert any(a != b.strip() for a, b in zip(expected, lm.processor.batch_decode(new)))
+    last = max(stops)  # docs 1-5 all stop early, the last one on a stop string
+    assert last[1] == "stop" and len(forwards) == last[0] < LIMIT, stops
+
+
+def test_a_row_ending_on_a_stop_string_traces_only_the_tokens_it_generated(checkpoint, tmp_path):
+    """A row that completed a stop string is padded while the batch goes on: its trace is the one it
+    had without stop strings (the whole LIMIT steps) up to that token, which is dropped as an end
+    token is; the other rows' traces do not change."""
+    from libmoe_core.evaluation.traces import read_traces
+
+    doc_ids = [0, 1, 4]  # doc 0 runs to LIMIT: the batch goes on after docs 1 and 4 stopped
+    traces = {}
+    for name, until in (("stopped", UNTIL), ("oracle", {d: ["never"] for d in UNTIL})):
+        lm = end_at_question_marks(make(checkpoint, return_id_experts=True, trace_dir=str(tmp_path / name),
+                                        layers_expert_selection="3", placements="llm"))
+        lm._generate_batch(stop_requests(doc_ids, until))
+        lm.clean()
+        traces[name] = read_traces(tmp_path / name).to_pandas().sort_values(["doc_id", "position"], ignore_index=True)
+    plain = end_at_question_marks(make(checkpoint))
+    new, _ = generate_then_cut(plain, stop_requests(doc_ids))
+    oracle, stopped = traces["oracle"], traces["stopped"]
+    for d, row in zip(doc_ids, new.tolist()):
+        step, why = first_stop(plain, row, UNTIL[d])
+        generated = oracle[(oracle["doc_id"] == d) & (oracle["token_kind"] == "generated")]
+        assert len(generated) == LIMIT - 1  # without stop strings every row ran to LIMIT
+        keep = oracle["doc_id"].eq(d) & oracle["position"].lt(generated["position"].min() + step - 1)
+        expected, got = oracle[keep], stopped[stopped["doc_id"] == d]
+        assert (why, len(got[got["token_kind"] == "generated"])) == (("limit", LIMIT - 1) if d == 0 else ("stop", step - 1))
+        assert got["position"].tolist() == expected["position"].tolist()
+        assert got["token_kind"].tolist() == expected["token_kind"].tolist()
+        np.testing.assert_array_equal(np.stack(got["experts"].to_numpy()), np.stack(expected["experts"].to_numpy()))
+        np.testing.assert_allclose(np.stack(got["weights"].to_numpy()), np.stack(expected["weights"].to_numpy()),
+                                   atol=1e-6)
+
+
 def test_loglikelihood_prefers_the_greedy_answer(checkpoint):
     lm = make(checkpoint)
     doc_id = 1
@@ -179,6 +272,16 @@ def test_loglikelihood_scores_the_continuation_as_training_tokenises_an_answer(c
     expected = sum(logits[i - 1, ids[i]].item() for i in answer_pos)
     ((logprob, _),) = lm.loglikelihood([Request((QUESTIONS[doc_id], answer, lambda doc: doc["images"], doc_id, "toy", "test"))])
     assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_non_finite_loglikelihood_is_an_error_naming_the_document(checkpoint):
+    """lmms-eval picks the argmax over a question's choices: a NaN score would be picked silently."""
+    lm = make(checkpoint)
+    with torch.no_grad():
+        lm.model.language_model.lm_head.weight[0, 0] = float("nan")
+    request = Request((QUESTIONS[1], " zebra", lambda doc: doc["images"], 1, "toy", "test"))
+    with pytest.raises(ValueError, match="toy doc 1's continuation ' zebra' is nan"):
+        lm.loglikelihood([request])
 
 
 def test_generation_limit_is_the_tasks_own(checkpoint, tmp_path):

@@ -14,12 +14,15 @@ ablation (each token loses its first-choice expert, the rest renormalised).
 Batched greedy generation with left padding; the answers do not depend on the batch
 size (requests are sorted by length for speed and returned in request order), unless the
 checkpoint's MoE layers set a ``capacity_factor``: its capacity is shared by the batch's tokens.
+A row stops at its end token or as soon as its text holds one of its stop strings (the task's
+``until``, the template's end), the batch when every row has (beam search: at its own end only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections import defaultdict
 
 import torch
@@ -27,6 +30,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from loguru import logger as eval_logger
 from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..images import to_rgb
 from .model_args import check_trace_selection, parse_batch_size, parse_bool, parse_int_list, parse_placements
@@ -70,6 +74,34 @@ def request_stops(until, template_stops: list[str]) -> list[str]:
     template's end strings."""
     until = [until] if isinstance(until, str) else list(until or [])
     return [u for u in until if u != LMMS_EVAL_DEFAULT_UNTIL] + list(template_stops)
+
+
+class StopAtStrings(StoppingCriteria):
+    """Ends each row of a batch once its new text holds one of that row's stop strings (what
+    :func:`_cut` cuts at), so a batch stops when every row is done. A step decodes only each open
+    row's last tokens, as many as the longest stop has bytes and one more (a token is at least a
+    byte); a hit there is confirmed on the row's whole new text. ``ends[b]``: the number of new
+    tokens up to the one that completed a stop, None while row ``b`` goes on."""
+
+    def __init__(self, decode, stops: list[list[str]], prompt_width: int) -> None:
+        self.decode = decode  # lists of token ids -> texts, decoded as the answers are
+        self.stops = [[s for s in row if s] for row in stops]  # _cut skips empty stops too
+        self.start = prompt_width
+        self.window = max((len(s.encode()) for row in self.stops for s in row), default=0) + 1
+        self.ends: list[int | None] = [None] * len(stops)
+
+    def _hit(self, b: int, text: str) -> bool:
+        return any(s in text for s in self.stops[b])
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids.shape[1] - self.start  # input_ids: [B, prompt_width + new]
+        rows = [b for b, end in enumerate(self.ends) if end is None and self.stops[b]]
+        if rows:
+            tails = input_ids[rows, -min(new, self.window):].tolist()  # [open rows, window]
+            for b, tail_text in zip(rows, self.decode(tails)):
+                if self._hit(b, tail_text) and self._hit(b, self.decode([input_ids[b, self.start:].tolist()])[0]):
+                    self.ends[b] = new
+        return torch.tensor([end is not None for end in self.ends], device=input_ids.device)  # [B]
 
 
 #: generation limit of a task whose generation_kwargs set none (what lmms-eval's own llava uses)
@@ -209,6 +241,11 @@ class LibMoE(lmms):
         if self.writer is not None and settings["num_beams"] > 1:  # rows are beams, reordered every step
             raise ValueError(f"libmoe: routing traces (return_id_experts=true) need num_beams=1; "
                              f"{requests[0].args[4]} generates with num_beams={settings['num_beams']}")
+        prompt_width = inputs["input_ids"].shape[1]
+        stop_at = None
+        if settings["num_beams"] == 1:  # beam search ranks rows that stop: early stops would change answers
+            stop_at = StopAtStrings(self.processor.batch_decode, stops, prompt_width)
+            settings["stopping_criteria"] = StoppingCriteriaList([stop_at])
         with self._routing_mode():
             if self.writer is None:
                 output = self.model.generate(**inputs, **settings)
@@ -217,29 +254,31 @@ class LibMoE(lmms):
 
                 with capture_routing(self.model, self.placements, self.layers) as recorder:
                     output = self.model.generate(**inputs, **settings)
-        prompt_width = inputs["input_ids"].shape[1]
-        new_tokens = output[:, prompt_width:]
+        new_tokens = output[:, prompt_width:]  # [B, new]: rows that ended are padded (or go on) after it
         texts = [_cut(t, s) for t, s in zip(self.processor.batch_decode(new_tokens), stops)]
         if self.writer is not None:
-            self._write_traces(recorder, requests, inputs["attention_mask"], new_tokens)
+            lengths = self._generated_lengths(new_tokens, stop_at.ends)
+            self._write_traces(recorder, requests, inputs["attention_mask"], lengths)
         return texts
 
-    def _generated_lengths(self, new_tokens: torch.Tensor) -> list[int]:
-        """Tokens each sample really generated (up to and including its first end token)."""
+    def _generated_lengths(self, new_tokens: torch.Tensor, stop_ends: list[int | None]) -> list[int]:
+        """Tokens each sample really generated: up to and including its first end token, or the
+        token that completed one of its stop strings (``stop_ends``) when that came first."""
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         lengths = []
-        for row in new_tokens.tolist():
+        for row, stop_end in zip(new_tokens.tolist(), stop_ends):
             n = next((j + 1 for j, tok in enumerate(row) if tok in eos), len(row))
-            lengths.append(n)
+            lengths.append(n if stop_end is None else min(n, stop_end))
         return lengths
 
-    def _write_traces(self, recorder, requests, attention_mask, new_tokens) -> None:
+    def _write_traces(self, recorder, requests, attention_mask, lengths: list[int]) -> None:
         """One block per (layer, document). A generated token is routed when it is fed back, so a
-        sample's last one (its end token, or the max_new_tokens-th) is routed only while a longer
-        sample of the batch goes on: it is dropped always, so traces do not depend on the batch."""
+        sample's last one (its end token, the one completing a stop string, or the max_new_tokens-th)
+        is routed only while a longer sample of the batch goes on: it is dropped always, so traces do
+        not depend on the batch. ``lengths``: the tokens each sample generated (_generated_lengths)."""
         prompt_len = attention_mask.sum(-1).cpu()  # [B] real prompt tokens
-        fed_back = (torch.tensor(self._generated_lengths(new_tokens)) - 1).clamp(min=0)  # [B]
+        fed_back = (torch.tensor(lengths) - 1).clamp(min=0)  # [B]
         limit = prompt_len + fed_back  # [B] exclusive
         by_layer = defaultdict(list)
         for record in recorder.records:
@@ -284,6 +323,9 @@ class LibMoE(lmms):
                 logits = self.model(**inputs).logits
             pred = logits[0, -n - 1 : -1].float().log_softmax(-1)  # [n, V] predicting the target
             logprob = pred.gather(-1, target_ids.unsqueeze(-1)).sum().item()
+            if not math.isfinite(logprob):  # lmms-eval's argmax over choices would pick a NaN silently
+                raise ValueError(f"libmoe: the log-likelihood of {task} doc {doc_id}'s continuation {continuation!r} "
+                                 f"is {logprob} (non-finite logits: check the checkpoint's weights and dtype)")
             greedy = bool((pred.argmax(-1) == target_ids).all())
             results.append((logprob, greedy))
         return results
