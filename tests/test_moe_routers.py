@@ -236,6 +236,51 @@ def test_sigmoid_probs_stay_finite_when_every_score_underflows(name):
     assert all(torch.isfinite(term) for term in out.aux_terms.values()), out.aux_terms  # balance was NaN
 
 
+@pytest.mark.parametrize("name", ["sigmoid", "auxfree", "shared_sigmoid"])
+@pytest.mark.parametrize("level", [-30.0, -48.0, -96.0, -200.0])
+def test_sigmoid_weights_are_exact_score_ratios_at_any_logit(name, level):
+    """s_i / sum of the chosen s underflowed to 0 once every chosen score did (logits below about
+    -47): the token's routed output vanished. Oracle: the ratios in fp64 from the same logits, and
+    right after upcycling the layer output equals the dense MLP's."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    layer = build_moe(mlp, name, 4, 2, seed=0)
+    x = torch.rand(6, 16) + 0.5  # positive: logits = level * (1 + a little) on a constant gate
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(level / x.sum(-1).mean() * (1 + 0.01 * torch.rand_like(layer.router.gate.weight)))
+    out = layer.router(x)
+    logits = out.logits.double()
+    routed = out.experts if name != "shared_sigmoid" else out.experts[:, :-1]
+    chosen = torch.sigmoid(logits[:, : layer.router.num_experts - (name == "shared_sigmoid")]).gather(-1, routed)
+    expected = chosen / chosen.sum(-1, keepdim=True)
+    weights = out.weights.double() if name != "shared_sigmoid" else out.weights[:, :-1].double() * 2  # half gate
+    torch.testing.assert_close(weights, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.probs.sum(-1), torch.ones(6), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_zero_coefficient_switches_its_aux_term_off_even_when_the_term_is_infinite():
+    router = make_router("smoe", balance_coef=0, z_coef=0)
+    with torch.no_grad():
+        out = router(torch.full((3, 16), 1e30))  # logits ~1e28: the z-loss (logsumexp squared) is inf
+    assert math.isinf(out.aux_terms["z"].item())
+    assert out.aux_loss.item() == 0.0  # 0 * inf was NaN and made the whole training loss NaN
+
+
+def test_xmoe_gradient_of_a_zero_token_is_bounded():
+    """F.normalize's default eps (1e-12) gave a zero token a ~1e8 input gradient: one such token
+    shrank a clipped step's whole update. Bounded now, like the cosine router's (clamp 1e-6)."""
+    grads = {}
+    for name in ("xmoe", "cosine"):
+        router = make_router(name)
+        x = torch.zeros(2, 16, requires_grad=True)
+        out = router(x)
+        (out.probs * torch.linspace(-1, 1, out.probs.shape[-1])).sum().backward()
+        grads[name] = x.grad.abs().max().item()
+    assert math.isfinite(grads["xmoe"]) and grads["xmoe"] < 10 * grads["cosine"], grads  # was ~1e4 times it
+
+
 def test_default_coefficients_are_never_silently_zero():
     for name in ALL_ROUTERS:
         router = make_router(name)
@@ -379,6 +424,24 @@ def test_auxfree_bias_moves_toward_underloaded_experts():
     routers_step_end(model)
     assert not torch.equal(before, model[0].router.selection_bias)
     assert model[0].router.load_counts.sum() == 0
+
+
+def test_auxfree_counts_no_load_for_non_finite_tokens_and_forgets_a_skipped_step():
+    """A NaN token's top-k is arbitrary (always the same experts): it was counted as load, and the
+    bias moved after steps the optimiser skipped for non-finite gradients."""
+    model = nn.Sequential(build_moe(nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 16)), "auxfree", 4, 2))
+    router = model[0].router
+    model.train()
+    x = torch.randn(8, 16)
+    x[3] = float("nan")
+    model(x)
+    assert router.load_counts.sum() == 7 * 2  # the 7 finite tokens' 2 slots each
+    before = router.selection_bias.clone()
+    routers_step_end(model, step_applied=False)
+    assert torch.equal(router.selection_bias, before) and router.load_counts.sum() == 0
+    model(x)
+    routers_step_end(model)
+    assert not torch.equal(router.selection_bias, before) and router.load_counts.sum() == 0
 
 
 @pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()])

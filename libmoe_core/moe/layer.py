@@ -299,7 +299,11 @@ def set_router_step(model: nn.Module, step: int, total_steps: int) -> None:
         m.router.set_step(step, total_steps)
 
 
-def routers_step_end(model: nn.Module) -> None:
-    """Call after each optimiser step (updates auxfree's balancing bias)."""
+def routers_step_end(model: nn.Module, *, step_applied: bool = True) -> None:
+    """Call after each optimiser step (updates auxfree's balancing bias); ``step_applied=False``
+    after a step the optimiser skipped (non-finite gradients): the routers discard what it counted."""
     for _, m in moe_layers(model):
-        m.router.on_step_end()
+        if step_applied:
+            m.router.on_step_end()
+        else:
+            m.router.discard_step()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_BALANCE_COEF = 0.01
@@ -82,13 +83,18 @@ def sigmoid_topk(logits: torch.Tensor, k: int, selection_bias: torch.Tensor | No
 
     ``probs`` is s normalised over all experts, so it is a distribution for analysis
     and the balance loss. Returns (experts [T, k], weights [T, k], probs [T, E]).
+    The ratios are softmaxes of log s: s / sum(s) underflows to 0 once every score does (logits
+    below about -47 in fp32), which dropped the token's output.
     """
-    scores = torch.sigmoid(logits)  # [T, E]
-    ranking = scores if selection_bias is None else scores + selection_bias
-    idx = ranking.topk(k, dim=-1).indices
-    chosen = scores.gather(-1, idx)
-    weights = chosen / chosen.sum(-1, keepdim=True).clamp_min(1e-20) if normalize else chosen
-    probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)  # every score underflowed: 0, not NaN
+    log_scores = F.logsigmoid(logits)  # [T, E]
+    # without a bias, rank by log s (the order of s, without fp32's ties where s saturates at 0 or 1)
+    ranking = log_scores if selection_bias is None else torch.sigmoid(logits) + selection_bias
+    idx = ranking.topk(k, dim=-1).indices  # [T, k]
+    probs = torch.softmax(log_scores, dim=-1)  # [T, E] s / sum(s)
+    if normalize:
+        weights = torch.softmax(log_scores.gather(-1, idx), dim=-1)  # [T, k] s_i / sum of the chosen s
+    else:
+        weights = torch.sigmoid(logits.gather(-1, idx))  # [T, k] s_i
     return idx, weights, probs
 
 
@@ -224,6 +230,10 @@ class Router(nn.Module):
     def on_step_end(self) -> None:
         """Called after each optimiser step (used by routers with non-gradient state)."""
 
+    def discard_step(self) -> None:
+        """Called instead of :meth:`on_step_end` after a step the optimiser skipped (a non-finite
+        gradient): forget what the step observed without acting on it."""
+
     # ---- the math
     def make_gate(self, out_features: int, in_features: int | None = None, bias: bool = False) -> nn.Linear:
         """A gate projection initialised N(0, init_std) from this router's seed."""
@@ -276,7 +286,8 @@ class Router(nn.Module):
         missing = sorted(set(out.aux_terms) - set(self.coefs))
         if missing:
             raise KeyError(f"router '{self.name}' reports aux term(s) {missing} without a coefficient in self.coefs")
-        terms = [self.coefs[name] * term for name, term in out.aux_terms.items()]
+        # a zero coefficient switches its term off exactly (0 * inf would be NaN)
+        terms = [coef * term for name, term in out.aux_terms.items() if (coef := self.coefs[name]) != 0]
         out.aux_loss = sum(terms) if terms else logits.new_zeros(())  # a tensor even without aux terms
         return out
 

@@ -181,8 +181,9 @@ class XMoERouter(Router):
         self.reset_normal(self.expert_embeddings)
 
     def scores(self, x):
-        h = F.normalize(F.linear(x, self.proj.weight.float()), dim=-1)  # [T, d_r]
-        emb = F.normalize(self.expert_embeddings.float(), dim=-1)  # [E, d_r]
+        # eps as the cosine router's: a (near-)zero token gets a bounded, not a ~1e8, gradient
+        h = F.normalize(F.linear(x, self.proj.weight.float()), dim=-1, eps=1e-6)  # [T, d_r]
+        emb = F.normalize(self.expert_embeddings.float(), dim=-1, eps=1e-6)  # [E, d_r]
         return h @ emb.t() / self.temperature
 
 
@@ -403,8 +404,9 @@ class AuxFreeRouter(Router):
     def select(self, logits):
         idx, w, probs = sigmoid_topk(logits, self.current_k(), self.selection_bias.float())
         if self.training and not _in_backward():  # a checkpoint's recompute routes the same tokens again
-            with torch.no_grad():
-                self.load_counts += torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+            with torch.no_grad():  # a token with non-finite logits has no real choice: not counted as load
+                finite = torch.isfinite(logits).all(-1)  # [T]
+                self.load_counts += torch.bincount(idx[finite].reshape(-1), minlength=self.num_experts)
         return idx, w, probs
 
     @torch.no_grad()
@@ -416,3 +418,7 @@ class AuxFreeRouter(Router):
             below_mean = torch.sign(load.double().mean() - load.double())  # [E] +1 under-loaded, -1 over
             self.selection_bias += self.bias_update_rate * below_mean.to(self.selection_bias.dtype)
         load.zero_()
+
+    @torch.no_grad()
+    def discard_step(self) -> None:
+        self.load_counts.zero_()  # the same on every rank: a skipped step is skipped everywhere
