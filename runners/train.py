@@ -48,6 +48,7 @@ def training_arguments(cfg, world_size: int):
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN/inf loss is logged as it is (transformers' default logs 0.0 instead)
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=None,  # rotation happens after a checkpoint is marked complete
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
     trainer = MoETrainer(
         model=model, args=training_arguments(cfg, world_size), train_dataset=dataset, data_collator=collator,
         modality_lengths=dataset.modality_lengths if cfg.group_by_modality_length else None,
+        max_consecutive_nonfinite_steps=cfg.max_consecutive_nonfinite_steps,
         callbacks=[RouterScheduleCallback(), MetricsFileCallback(cfg.stage_dir / "metrics.jsonl"),
                    ResumableTensorBoardCallback(), ProgressLineCallback(),
                    AtomicCheckpointCallback(cfg.save_total_limit)],

@@ -63,7 +63,8 @@ def plot_losses(metrics: pd.DataFrame, title: str = "", out_png: str | Path | No
 
 
 def stage_summary(stage_dir: str | Path, metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row: steps, first and last language loss, mean tokens/s, where the model is."""
+    """One row: steps, first and last language loss, mean tokens/s, where the model is; the count of
+    non-finite steps (NaN/inf loss or gradients, updates skipped) when there were any."""
     lm = loss_columns(metrics)[0]
     row = {
         "stage": Path(stage_dir).name,
@@ -73,6 +74,9 @@ def stage_summary(stage_dir: str | Path, metrics: pd.DataFrame) -> pd.DataFrame:
         "tokens/s": round(float(metrics["tokens_per_s"].mean()), 1) if "tokens_per_s" in metrics else None,
         "model": str(Path(stage_dir) / "final"),
     }
+    nonfinite = int(metrics["nonfinite_steps"].max()) if "nonfinite_steps" in metrics else 0
+    if nonfinite:
+        row["non-finite steps"] = nonfinite
     for column in loss_columns(metrics)[1:]:
         row[f"last {column}"] = round(float(metrics[column].iloc[-1]), 4)
     return pd.DataFrame([row])

@@ -91,6 +91,9 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int = 2
     logging_steps: int = 1
+    # stop (no final model; checkpoints kept) after this many steps in a row with a NaN/inf loss or
+    # gradients (DeepSpeed skips their updates); 0: never stop, only count them (nonfinite_steps)
+    max_consecutive_nonfinite_steps: int = 10
     dataloader_num_workers: int = 0
     group_by_modality_length: bool = True  # LLaVA's length-grouped batches, image and text-only apart
     # MoE (sft stage): placements, router and sizes
@@ -348,6 +351,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"data_policy must be one of {DATA_POLICIES}, got {cfg.data_policy!r}")
     if not 0 <= cfg.max_skipped_fraction <= 1:
         raise ValueError(f"max_skipped_fraction must be in [0, 1], got {cfg.max_skipped_fraction!r}")
+    limit = cfg.max_consecutive_nonfinite_steps
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ValueError(f"max_consecutive_nonfinite_steps must be an integer >= 1, or 0 (never stop), got {limit!r}")
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
     for name in ("learning_rate", "global_batch_size", "per_device_batch_size", "num_procs", "num_experts", "top_k",

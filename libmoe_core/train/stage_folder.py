@@ -29,6 +29,7 @@ RESUME_MAY_CHANGE = frozenset({
     "max_steps", "save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers", "hostfile",
     "gradient_checkpointing", "run_dir",
     "max_skipped_fraction",  # decides only whether loading fails, never which records are kept
+    "max_consecutive_nonfinite_steps",  # decides only whether training stops: raised to resume after a stop
 })
 RUN_INFO = "libmoe_run.json"  # written into final/ by the runner: the config that produced it
 

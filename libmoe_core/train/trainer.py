@@ -1,9 +1,11 @@
 """HF Trainer, extended through its hooks: loss components, tokens/s, router schedule,
-modality-grouped sampling and atomic checkpoints."""
+non-finite step accounting, modality-grouped sampling and atomic checkpoints."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -12,6 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import ExportableState
 
 from ..data.sampler import ModalityLengthGroupedSampler
 from ..moe import moe_layers, routers_step_end, set_router_step
@@ -19,6 +22,8 @@ from . import checkpoints
 
 MODEL_INPUT_SKIP = ("ids",)  # collator keys that are bookkeeping, not model inputs
 PROGRESS_PREFIX = "[libmoe-progress] "  # machine-readable progress lines for notebooks
+NONFINITE_LIMIT_KEY = "max_consecutive_nonfinite_steps"  # the training config key that sets the limit
+log = logging.getLogger(__name__)
 
 
 def _is_main() -> bool:
@@ -30,16 +35,43 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _any_rank(flag: bool, device) -> bool:
+    """``flag`` or-ed over all ranks: every rank gets the same answer."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    packed = torch.tensor([float(flag)], device=device)  # nccl reduces device tensors only
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return bool(packed.item())
+
+
+def _update_skipped(optimizer) -> bool:
+    """Whether the optimizer skipped its last update: DeepSpeed does on non-finite gradients (a global
+    norm or overflow flag, so the same on every rank); a plain optimizer never does."""
+    return bool(getattr(optimizer, "step_was_skipped", False))
+
+
+def _nonfinite_terms(loss: torch.Tensor, reported: dict[str, float]) -> set[str]:
+    """The loss terms of one micro-batch that are NaN or inf (``loss`` itself when no term is)."""
+    bad = {name for name, value in reported.items() if not name.startswith("router/") and not math.isfinite(value)}
+    if not bad and not bool(torch.isfinite(loss.detach()).all()):
+        bad.add("loss")
+    return bad
+
+
 class MoETrainer(Trainer):
     """Adds to each training log, as means over the window's micro-batches on every rank:
     ``lm_loss``, every auxiliary loss the model reports (``aux/<placement>/<term>``, weighted as
     in the loss and averaged over all micro-batches, so ``loss = lm_loss + sum(aux/*)``),
     ``router/<placement>/<term>`` (unweighted and averaged over the micro-batches that routed
     through the placement: a vision balance of 1 means even, whatever share of batches had
-    images), ``tokens_per_s`` and the hyper router's ``hyper_k``."""
+    images), ``tokens_per_s``, the hyper router's ``hyper_k`` and ``nonfinite_steps`` (see
+    :class:`NonfiniteStepCallback`; ``max_consecutive_nonfinite_steps`` of them in a row stop training)."""
 
-    def __init__(self, *args, modality_lengths: list[int] | None = None, **kwargs):
+    def __init__(self, *args, modality_lengths: list[int] | None = None, max_consecutive_nonfinite_steps: int = 10,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.nonfinite = NonfiniteStepCallback(max_consecutive_nonfinite_steps)
+        self.add_callback(self.nonfinite)
         # compute_loss returns each micro-batch's mean loss; HF must divide it by the
         # accumulation steps (it would not if it believed the model normalised by token count).
         self.loss_is_scaled_for_ga = False
@@ -69,6 +101,13 @@ class MoETrainer(Trainer):
             self._grouped_sampler.set_epoch(int(epoch))
         return super()._run_epoch(*args, **kwargs)
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # Called last after accelerate prepared the optimizer; transformers passes callbacks the optimizer the
+        # trainer was built with (None), so they could not see DeepSpeed's step_was_skipped.
+        self.callback_handler.optimizer = self.optimizer
+        return scheduler
+
     def _get_train_sampler(self, train_dataset=None):
         if self.modality_lengths is None:
             return super()._get_train_sampler(train_dataset)
@@ -97,6 +136,7 @@ class MoETrainer(Trainer):
             for name, value in reported.items():
                 self._sums[name] += value
                 self._counts[name] += 1
+            self.nonfinite.note(_nonfinite_terms(outputs.loss, reported))
             self._micro_steps += 1
             self._tokens += int(inputs["attention_mask"].sum())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
@@ -107,6 +147,12 @@ class MoETrainer(Trainer):
         # every rank logs the training loss at the same steps (transformers gathers it from all of them
         # first), so the collectives in _window_totals line up; "loss" is never in evaluate()'s logs
         sums, counts, micro_steps, tokens = self._window_totals() if "loss" in logs else ({}, {}, 0, 0.0)
+        if "loss" in logs:
+            logs["nonfinite_steps"] = self.nonfinite.nonfinite_steps
+            # transformers resets its loss accumulator by `tr_loss -= tr_loss`, which leaves a NaN in place:
+            # without the nan/inf filter every later window would log NaN too
+            if getattr(self, "_tr_loss", None) is not None:
+                self._tr_loss.zero_()
         if micro_steps:
             for name, total in sums.items():  # router terms: over the micro-batches that routed them
                 logs[name] = total / (counts[name] if name.startswith("router/") else micro_steps)
@@ -141,16 +187,83 @@ class MoETrainer(Trainer):
         return dict(zip(keys, sums)), {k: round(c) for k, c in zip(keys, counts)}, round(micro_steps), tokens
 
 
+class NonfiniteTrainingError(RuntimeError):
+    """Too many training steps in a row had a non-finite loss or gradients."""
+
+
+class NonfiniteStepCallback(TrainerCallback, ExportableState):
+    """Counts non-finite training steps: a NaN/inf loss term on any rank, or an update DeepSpeed skipped
+    for non-finite gradients. Warns on each; ``max_consecutive`` in a row (0: never) stop training with
+    :class:`NonfiniteTrainingError` after the step's log row, before any checkpoint of it or a final model.
+
+    The decision is all-reduced, so every rank stops at the same step. The counts are saved with each
+    checkpoint (trainer state) and continue on resume."""
+
+    def __init__(self, max_consecutive: int = 10):
+        self.max_consecutive = max_consecutive
+        self.nonfinite_steps = 0  # over the whole stage
+        self.in_a_row = 0
+        self._terms: set[str] = set()  # this rank's non-finite terms in the current step
+        self._error: str | None = None
+
+    def note(self, terms: set[str]) -> None:
+        """Record a micro-batch's non-finite loss terms (called by the trainer's compute_loss)."""
+        self._terms |= terms
+
+    def state(self) -> dict:
+        return {"args": {"max_consecutive": self.max_consecutive},
+                "attributes": {"nonfinite_steps": self.nonfinite_steps, "in_a_row": self.in_a_row}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
+        self.nonfinite_steps = attributes.get("nonfinite_steps", 0)
+        self.in_a_row = attributes.get("in_a_row", 0)
+        self._terms, self._error = set(), None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        skipped = _update_skipped(optimizer)
+        terms, self._terms = self._terms, set()
+        if not _any_rank(skipped or bool(terms), args.device):
+            self.in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self.in_a_row += 1
+        self._warn(state.global_step, terms, skipped)
+        if 0 < self.max_consecutive <= self.in_a_row:
+            self._error = (
+                f"training stopped at step {state.global_step}: {self.in_a_row} steps in a row had a non-finite "
+                f"loss or gradients ({NONFINITE_LIMIT_KEY}={self.max_consecutive}; {self.nonfinite_steps} in all). "
+                f"No final model was written; the complete checkpoints are kept. Find the cause (data, learning rate, "
+                f"precision), then resume, raising {NONFINITE_LIMIT_KEY} (0: never stop) to train through it")
+            control.should_log = True  # the step's row is written; on_log then stops training
+            control.should_save = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._error is not None and logs and "loss" in logs:
+            raise NonfiniteTrainingError(self._error)
+
+    def _warn(self, step: int, terms: set[str], skipped: bool) -> None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if not terms and rank != 0:
+            return  # a global skip: rank 0 reports it
+        what = f"non-finite {', '.join(sorted(terms))} on rank {rank}" if terms else "non-finite gradients"
+        update = "the optimizer skipped the update" if skipped else "the update was applied"
+        log.warning("step %d: %s; %s (%d non-finite steps so far, %d in a row)", step, what, update,
+                    self.nonfinite_steps, self.in_a_row)
+
+
 class RouterScheduleCallback(TrainerCallback):
-    """Drives router state from the trainer: the hyper router's k(t), auxfree's bias updates."""
+    """Drives router state from the trainer: the hyper router's k(t), auxfree's bias updates
+    (none on a step whose update the optimizer skipped; its load counts are dropped)."""
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             set_router_step(model, state.global_step, state.max_steps)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is not None:
-            routers_step_end(model)
+            routers_step_end(model, step_applied=not _update_skipped(optimizer))
 
 
 def _json_or_none(line: str):
