@@ -143,6 +143,19 @@ def test_placement_errors():
         _ = LibMoEVLMConfig(vision_config={"num_hidden_layers": 2}, vision_feature_layer=-5).kept_vision_layers
 
 
+def test_a_zero_coefficient_keeps_an_infinite_term_out_of_the_loss():
+    """The model weighs each placement's terms itself: 0 * inf made the training loss NaN although
+    the term was switched off. Oracle: the language loss alone, and the term still reported."""
+    model = build_model("tiny", moe_llm_layers={"layers": [1], "z_coef": 0.0, "balance_coef": 0.0})
+    layer = model.language_model.model.layers[1].mlp
+    layer.register_forward_hook(lambda module, args, output: setattr(
+        module.last_routing, "aux_terms", {**module.last_routing.aux_terms, "z": torch.tensor(float("inf"))}))
+    out = model(**batch(model, (0, 0)))
+    assert torch.isinf(out.aux_terms["llm/z"])
+    assert out.aux_losses["llm/z"] == 0 and out.aux_loss == 0
+    torch.testing.assert_close(out.loss, out.lm_loss)
+
+
 def test_per_placement_settings_and_layer_shortcuts():
     model = build_model("tiny", moe_vision={"router": "cosine", "num_experts": 2, "top_k": 1, "balance_coef": 0.1},
                         moe_llm_layers="second_half", num_experts=3)

@@ -300,7 +300,8 @@ class LibMoEVLMForCausalLM(PreTrainedModel, GenerationMixin):
             coefs = layer.router.coefs
             for term, value in routing.aux_terms.items():
                 key = f"{placement}/{term}"
-                contribution = coefs[term] * value  # every term has one (Router.forward checks)
+                coef = coefs[term]  # every term has one (Router.forward checks)
+                contribution = coef * value if coef != 0 else torch.zeros_like(value)  # 0 * inf would be NaN
                 weighted[key] = weighted[key] + contribution if key in weighted else contribution
                 sums.setdefault(key, []).append(value.detach())
         if not weighted:
@@ -337,6 +338,8 @@ def _check_aux_gradients(moe) -> None:
         routing = layer.last_routing
         if routing is None or not routing.aux_terms or routing.aux_loss.requires_grad:
             continue  # not run, no aux loss, or it has its gradient
+        if not any(layer.router.coefs[term] for term in routing.aux_terms):
+            continue  # every coefficient 0: the aux loss is a constant 0, nothing for it to train
         if not bool((routing.experts >= 0).any()):
             continue  # routed no token (all padding)
         if any(p.requires_grad for p in layer.router.parameters()):
