@@ -87,6 +87,17 @@ def test_results_rows_and_table(tmp_path):
     assert len(table) == 2 + len(rows)
 
 
+def test_mme_gets_the_perception_plus_cognition_total_libmoe_reports():
+    data = {"results": {"mme": {"alias": "mme", "mme_perception_score,none": 1403.25, "mme_perception_score_stderr,none": "N/A",
+                                "mme_cognition_score,none": 312.5, "mme_cognition_score_stderr,none": "N/A"},
+                        "pope": {"pope_accuracy,none": 0.8}}}
+    got = [(r.task, r.metric, r.value) for r in results_rows(data)]
+    assert got == [("mme", "mme_perception_score", 1403.25), ("mme", "mme_cognition_score", 312.5),
+                   ("mme", "mme_total_score (perception + cognition)", 1715.75), ("pope", "pope_accuracy", 0.8)]
+    partial = {"results": {"mme": {"mme_perception_score,none": 1403.25}}}
+    assert [r.metric for r in results_rows(partial)] == ["mme_perception_score"]  # no total from one part
+
+
 def test_find_results_file_takes_the_newest_fresh_one(tmp_path):
     assert find_results_file(tmp_path / "missing") is None
     old = tmp_path / "m" / "20250101_000000_results.json"

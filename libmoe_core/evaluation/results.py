@@ -58,27 +58,45 @@ def _number(value) -> float | None:
     return None
 
 
+#: Sums lmms-eval does not report, as the LibMoE tables do: MME is perception + cognition (max 2800).
+DERIVED_TOTALS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mme": ("mme_total_score (perception + cognition)", ("mme_perception_score", "mme_cognition_score")),
+}
+
+
 def results_rows(data: dict) -> list[MetricRow]:
     """One row per (task, metric, filter) in ``data["results"]``, tasks in file order.
 
     The metric is named ``metric`` for the default ``none`` filter and ``metric (filter)``
     otherwise; the stderr is the ``<metric>_stderr`` entry (None when "N/A" or absent).
-    Dict/list values (submission payloads) are skipped.
+    Dict/list values (submission payloads) are skipped. A task in :data:`DERIVED_TOTALS` with
+    every part gets its total as one more row.
     """
     rows = []
     for task, metrics in data["results"].items():
         if not isinstance(metrics, dict):
             continue
-        for key, value in metrics.items():
-            if "," not in key:
-                continue  # "alias", "samples", ...
-            name, filt = key.split(",", 1)
-            if "_stderr" in name or isinstance(value, (dict, list)):
-                continue
-            number = _number(value)
-            stderr = _number(metrics.get(f"{name}_stderr,{filt}"))
-            label = name if filt == "none" else f"{name} ({filt})"
-            rows.append(MetricRow(task, label, number if number is not None else str(value), stderr))
+        rows.extend(_metric_rows(task, metrics))
+        if task in DERIVED_TOTALS:
+            label, parts = DERIVED_TOTALS[task]
+            values = [_number(metrics.get(f"{part},none")) for part in parts]
+            if all(v is not None for v in values):
+                rows.append(MetricRow(task, label, sum(values), None))
+    return rows
+
+
+def _metric_rows(task: str, metrics: dict) -> list[MetricRow]:
+    rows = []
+    for key, value in metrics.items():
+        if "," not in key:
+            continue  # "alias", "samples", ...
+        name, filt = key.split(",", 1)
+        if "_stderr" in name or isinstance(value, (dict, list)):
+            continue
+        number = _number(value)
+        stderr = _number(metrics.get(f"{name}_stderr,{filt}"))
+        label = name if filt == "none" else f"{name} ({filt})"
+        rows.append(MetricRow(task, label, number if number is not None else str(value), stderr))
     return rows
 
 
