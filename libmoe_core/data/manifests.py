@@ -19,10 +19,11 @@ from pathlib import Path
 
 import yaml
 
+from .._shipped import shipped_dir
 from .records import read_records
 from .validate import check_structure, image_problem
 
-MANIFEST_DIR = Path(__file__).resolve().parents[2] / "data_manifests"
+MANIFEST_DIR = shipped_dir("data_manifests")
 
 
 class ManifestError(ValueError):

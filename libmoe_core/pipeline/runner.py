@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._shipped import shipped_dir
 from ..train.checkpoints import MARKER, checkpoints, last_complete_checkpoint, write_atomic
 
 STAGES = ("pretrain", "pft", "sft", "eval", "analysis")
 TRAINING_STAGES = ("pretrain", "pft", "sft")
-NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOK_DIR = shipped_dir("notebooks")
 NOTEBOOKS = {"pretrain": ("pretrain.ipynb",), "pft": ("pft.ipynb",), "sft": ("sft.ipynb",), "eval": ("eval.ipynb",),
              "analysis": ("analysis/router_entropy.ipynb", "analysis/expert_collapse.ipynb")}
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from .._shipped import shipped_dir
 from . import stage_folder
 from .config import TrainConfig
 from .cpus import available_cpus
@@ -21,7 +22,7 @@ STAGE_LOCK_NAME = ".train.lock"
 STAGE_LOCK_WAIT_S = 60.0  # how long a launch waits for an earlier run on the same folder to stop
 
 ZERO_CONFIG_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_offload.json"}
-TRAIN_ENTRY = Path(__file__).resolve().parents[2] / "runners" / "train.py"
+TRAIN_ENTRY = shipped_dir("runners") / "train.py"
 
 
 class TrainingFailed(RuntimeError):
