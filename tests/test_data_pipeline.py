@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from libmoe_core.data.collator import VLMCollator
 from libmoe_core.data.dataset import LLaVADataset
-from libmoe_core.data.sampler import ModalityLengthGroupedSampler, modality_megabatches
+from libmoe_core.data.sampler import ModalityLengthGroupedSampler
 from libmoe_core.data.templates import get_template
 from libmoe_core.data.tiny_tokenizer import build_tiny_tokenizer
 from libmoe_core.tokens import IGNORE_INDEX
@@ -132,9 +132,8 @@ def test_sampler_groups_modalities_and_sorts(batch_size, world_size):
         assert len(mb) == size
         signs = {lengths[i] > 0 for i in mb}
         assert len(signs) == 1  # one modality per mega-batch
-        for r in range(world_size):  # each rank's batch sorted longest first
-            mags = [abs(lengths[i]) for i in mb[r * batch_size:(r + 1) * batch_size]]
-            assert mags == sorted(mags, reverse=True)
+        mags = [abs(lengths[i]) for i in mb]
+        assert mags == sorted(mags, reverse=True)
     # only the final (remainder) mega-batch may mix, and it holds fewer than one mega-batch per modality
     n_img, n_txt = sum(n > 0 for n in lengths), sum(n < 0 for n in lengths)
     assert len(last) == n_img % size + n_txt % size
@@ -142,30 +141,6 @@ def test_sampler_groups_modalities_and_sorts(batch_size, world_size):
     flat_full = [i for mb in full for i in mb]
     for k in range(0, len(flat_full), batch_size):
         assert len({lengths[i] > 0 for i in flat_full[k:k + batch_size]}) == 1
-
-
-@pytest.mark.parametrize("batch_size,world_size", [(4, 2), (3, 4), (2, 3)])
-def test_ranks_get_batches_of_similar_total_length(batch_size, world_size):
-    """Consecutive batches of a mega-batch go to ranks 0..W-1. Cut in slices, rank 0 got the longest
-    batch of every mega-batch. Dealt now: each rank holds one of the W longest samples, and the
-    ranks' total lengths differ by at most the longest sample (the greedy rule's bound)."""
-    lengths = fake_lengths(n_image=120, n_text=60, seed=1)
-    sampler = ModalityLengthGroupedSampler(lengths, batch_size, world_size, seed=0)
-    size = batch_size * world_size
-    full = [mb for mb in sampler.megabatches() if len(mb) == size]
-    assert len(full) >= 5
-    rank0_longest = 0
-    for mb in full:
-        batches = [[abs(lengths[i]) for i in mb[r * batch_size:(r + 1) * batch_size]] for r in range(world_size)]
-        longest = sorted((m for b in batches for m in b), reverse=True)[:world_size]
-        assert sorted(b[0] for b in batches) == sorted(longest)  # one of the W longest per rank
-        totals = [sum(b) for b in batches]
-        assert max(totals) - min(totals) <= longest[0]
-        rank0_longest += totals[0] == max(totals)
-    assert rank0_longest < len(full)  # not always rank 0
-    single = ModalityLengthGroupedSampler(lengths, batch_size, 1, seed=0)
-    g = torch.Generator().manual_seed(0)
-    assert single.megabatches() == modality_megabatches(lengths, batch_size, g)  # one process: unchanged
 
 
 def test_sampler_deterministic_per_seed_and_epoch():

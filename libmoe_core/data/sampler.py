@@ -29,29 +29,9 @@ def modality_megabatches(modality_lengths: list[int], megabatch_size: int, gener
     return full + ([functools.reduce(operator.iadd, tail, [])] if tail else [])
 
 
-def deal_to_ranks(megabatch: list[int], lengths: list[int], world_size: int) -> list[int]:
-    """A mega-batch (longest first) dealt into ``world_size`` consecutive batches of equal size whose
-    total lengths are close: each sample goes to the unfilled batch with the least total so far (the
-    longest-processing-time rule), so every rank gets one of the ``world_size`` longest samples and
-    the totals differ by at most the longest sample. Cut in contiguous slices instead, rank 0 would
-    get the longest batch of every mega-batch and the other ranks would wait for it at each step."""
-    if world_size == 1 or len(megabatch) % world_size:
-        return list(megabatch)
-    size = len(megabatch) // world_size
-    batches: list[list[int]] = [[] for _ in range(world_size)]
-    totals = [0] * world_size
-    for i in megabatch:
-        rank = min((r for r in range(world_size) if len(batches[r]) < size), key=lambda r: totals[r])
-        batches[rank].append(i)
-        totals[rank] += abs(lengths[i])
-    return [i for batch in batches for i in batch]
-
-
 class ModalityLengthGroupedSampler(Sampler[int]):
     """Index sampler for ``DataLoader(batch_size=batch_size)``; mega-batches hold
-    ``batch_size * world_size`` samples, dealt so that the ranks' batches (consecutive batches of a
-    mega-batch, one per rank) have similar total lengths (:func:`deal_to_ranks`; one process: sorted
-    longest first). Deterministic for a given ``seed`` and epoch."""
+    ``batch_size * world_size`` samples. Deterministic for a given ``seed`` and epoch."""
 
     def __init__(self, modality_lengths: list[int], batch_size: int, world_size: int = 1, seed: int = 0):
         if batch_size < 1 or world_size < 1:
@@ -67,9 +47,7 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     def megabatches(self) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        size = self.batch_size * self.world_size
-        return [deal_to_ranks(mb, self.modality_lengths, self.world_size) if len(mb) == size else mb
-                for mb in modality_megabatches(self.modality_lengths, size, g)]
+        return modality_megabatches(self.modality_lengths, self.batch_size * self.world_size, g)
 
     def __iter__(self):
         return iter([i for mb in self.megabatches() for i in mb])
