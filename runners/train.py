@@ -48,7 +48,9 @@ def training_arguments(cfg, world_size: int):
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
         logging_steps=cfg.logging_steps,
-        logging_nan_inf_filter=False,  # a NaN/inf loss is logged as it is (transformers' default logs 0.0 instead)
+        # a NaN/inf loss is logged as it is (transformers' filter would log the window's running mean of its
+        # finite steps instead: 0.0 with logging_steps=1)
+        logging_nan_inf_filter=False,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=None,  # rotation happens after a checkpoint is marked complete

@@ -176,6 +176,26 @@ def test_a_nan_loss_counts_even_when_the_update_was_applied_and_the_count_surviv
         resumed.on_log(args, state, control, logs={"loss": float("nan")})
 
 
+def test_a_checkpoint_from_before_the_callback_resumes(tmp_path):
+    """trainer_state.json written before NonfiniteStepCallback existed lacks its entry, and transformers'
+    checkpoint save looks every ExportableState callback up there: the resumed run's first save raised
+    KeyError. The callback adds its entry (counts from 0) when training begins."""
+    from transformers import TrainerControl, TrainerState
+
+    from libmoe_core.train.trainer import NonfiniteStepCallback
+
+    old = TrainerState(global_step=2, stateful_callbacks=[TrainerControl()])
+    old.save_to_json(str(tmp_path / "trainer_state.json"))
+    state = TrainerState.load_from_json(str(tmp_path / "trainer_state.json"))
+    assert "NonfiniteStepCallback" not in state.stateful_callbacks
+    callback = NonfiniteStepCallback()
+    callback.on_train_begin(SimpleNamespace(device="cpu"), state, SimpleNamespace())
+    # what Trainer._save_checkpoint does for each ExportableState callback
+    assert not isinstance(state.stateful_callbacks["NonfiniteStepCallback"], list)
+    state.stateful_callbacks["NonfiniteStepCallback"] = callback.state()
+    assert callback.nonfinite_steps == 0 and callback.in_a_row == 0
+
+
 def test_stage_summary_shows_nonfinite_steps_only_when_there_were_some(tmp_path):
     def summary(counts):
         path = tmp_path / "metrics.jsonl"

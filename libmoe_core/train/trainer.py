@@ -220,6 +220,9 @@ class NonfiniteStepCallback(TrainerCallback, ExportableState):
         self.nonfinite_steps = attributes.get("nonfinite_steps", 0)
         self.in_a_row = attributes.get("in_a_row", 0)
         self._terms, self._error = set(), None
+        # a checkpoint written before this callback existed has no entry: transformers' checkpoint save
+        # looks the callback up there (a KeyError at the resumed run's first save)
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         skipped = _update_skipped(optimizer)
