@@ -183,6 +183,36 @@ def first_stop(lm, tokens, until):
     return len(tokens), "limit"
 
 
+def test_a_row_stops_only_once_no_stop_can_cut_its_answer_earlier():
+    """Stops where one contains another (``["x.Q:", "Q"]``): stopping at the first completed stop
+    ("ans x.Q") answered "ans x." where the whole text is cut to "ans". Oracle: :func:`_cut` of the
+    whole text, over random texts and stop lists, one character per token."""
+    import random
+
+    from libmoe_core.evaluation.lmms_model import StopAtStrings, _cut
+
+    def decode(rows):
+        return ["".join(chr(t) for t in row) for row in rows]
+
+    def stopped_text(full, stops):
+        criterion = StopAtStrings(decode, [stops], prompt_width=0)
+        for n in range(1, len(full) + 1):
+            if criterion(torch.tensor([[ord(c) for c in full[:n]]]), None)[0]:
+                return full[:n]
+        return full
+
+    assert stopped_text("ans x.Q: more", ["x.Q:", "Q"]) == "ans x.Q:"
+    rng = random.Random(0)
+    stopped_early = 0
+    for _ in range(3000):
+        full = "".join(rng.choice("abQ:x.") for _ in range(24))
+        stops = ["".join(rng.choice("abQ:x.") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        text = stopped_text(full, stops)
+        assert _cut(text, stops) == _cut(full, stops), (full, stops, text)
+        stopped_early += len(text) < len(full)
+    assert stopped_early > 1000
+
+
 def test_rows_stop_at_their_own_stop_strings_and_answers_do_not_change(checkpoint):
     """Each row stops at its first end token or stop string; the batch generates no step after its
     last row stopped, and every answer is the one generating LIMIT tokens and cutting gives."""

@@ -77,11 +77,13 @@ def request_stops(until, template_stops: list[str]) -> list[str]:
 
 
 class StopAtStrings(StoppingCriteria):
-    """Ends each row of a batch once its new text holds one of that row's stop strings (what
-    :func:`_cut` cuts at), so a batch stops when every row is done. A step decodes only each open
-    row's last tokens, as many as the longest stop has bytes and one more (a token is at least a
-    byte); a hit there is confirmed on the row's whole new text. ``ends[b]``: the number of new
-    tokens up to the one that completed a stop, None while row ``b`` goes on."""
+    """Ends each row of a batch once its answer is settled: its new text holds one of that row's stop
+    strings (where :func:`_cut` cuts: the earliest one) and no stop could still complete starting
+    before it (``["x.Q:", "Q"]`` after "ans x.Q" waits for a ":"), so a batch stops when every row
+    is done and no answer changes. A step decodes only each open row's last tokens, as many as the
+    longest stop has bytes and one more (a token is at least a byte); a hit there is checked on the
+    row's whole new text, every step until settled. ``ends[b]``: the number of new tokens when row
+    ``b`` settled, None while it goes on."""
 
     def __init__(self, decode, stops: list[list[str]], prompt_width: int) -> None:
         self.decode = decode  # lists of token ids -> texts, decoded as the answers are
@@ -89,9 +91,19 @@ class StopAtStrings(StoppingCriteria):
         self.start = prompt_width
         self.window = max((len(s.encode()) for row in self.stops for s in row), default=0) + 1
         self.ends: list[int | None] = [None] * len(stops)
+        self.pending = [False] * len(stops)  # a stop seen, the answer not settled yet
 
     def _hit(self, b: int, text: str) -> bool:
         return any(s in text for s in self.stops[b])
+
+    def _settled(self, b: int, text: str) -> bool:
+        """Whether ``text`` holds a stop and no longer text can be cut earlier: no stop's beginning
+        runs to the end of ``text`` from before the earliest stop found."""
+        found = [i for i in (text.find(s) for s in self.stops[b]) if i >= 0]
+        if not found:
+            return False
+        first = min(found)
+        return not any(s.startswith(text[q:]) for s in self.stops[b] for q in range(max(0, len(text) - len(s) + 1), first))
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids.shape[1] - self.start  # input_ids: [B, prompt_width + new]
@@ -99,7 +111,10 @@ class StopAtStrings(StoppingCriteria):
         if rows:
             tails = input_ids[rows, -min(new, self.window):].tolist()  # [open rows, window]
             for b, tail_text in zip(rows, self.decode(tails)):
-                if self._hit(b, tail_text) and self._hit(b, self.decode([input_ids[b, self.start:].tolist()])[0]):
+                if not (self.pending[b] or self._hit(b, tail_text)):
+                    continue
+                self.pending[b] = True
+                if self._settled(b, self.decode([input_ids[b, self.start:].tolist()])[0]):
                     self.ends[b] = new
         return torch.tensor([end is not None for end in self.ends], device=input_ids.device)  # [B]
 
