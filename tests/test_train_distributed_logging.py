@@ -7,14 +7,12 @@ resume from that checkpoint. The oracles are hand-computed means and plain count
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from ranks import run_ranks
 
 N, BATCH, RANKS = 48, 4, 2  # 48 samples, 4 per rank and step, 2 ranks: 6 steps per epoch
 STEPS_PER_EPOCH = N // (BATCH * RANKS)
@@ -90,24 +88,8 @@ def _worker(out: Path) -> None:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(RANKS):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(RANKS),
-               "LOCAL_WORLD_SIZE": str(RANKS), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, text in zip(procs, outputs):
-        assert p.returncode == 0, text[-4000:]
+    for code, text in run_ranks([sys.executable, __file__, str(out)], RANKS, out):
+        assert code == 0, text[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
 
 

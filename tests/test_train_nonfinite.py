@@ -10,13 +10,12 @@ counts at the start of every training forward (one per step: no gradient accumul
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from ranks import run_ranks
 
 from libmoe_core.pipeline.report import read_metrics, stage_summary
 from libmoe_core.train import checkpoints
@@ -73,25 +72,9 @@ def _run(tmp_path, mode: str, ranks: int = 1, **overrides):
     cfg = resolve_config("sft", overrides={**RUN, "run_dir": str(tmp_path), "init_from": str(start),
                                            "global_batch_size": 2 * ranks, "num_procs": ranks, **overrides})
     cfg.save(cfg.stage_dir / "config.yaml")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in range(ranks):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
-               "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        with open(tmp_path / f"rank{rank}.log", "w") as out:  # a file: a full pipe would block the rank
-            procs.append(subprocess.Popen([sys.executable, __file__, str(cfg.stage_dir), mode], env=env,
-                                          stdout=out, stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]  # a rank left waiting in a collective: timeout
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = [(code, (tmp_path / f"rank{rank}.log").read_text()) for rank, code in enumerate(codes)]
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    results = run_ranks([sys.executable, __file__, str(cfg.stage_dir), mode], ranks, tmp_path,
+                        env={"DS_ACCELERATOR": "cpu", "PYTHONPATH": pythonpath})
     trace = json.loads((cfg.stage_dir / "trace0.json").read_text())
     return cfg, results, trace
 
