@@ -405,8 +405,8 @@ class AuxFreeRouter(Router):
         idx, w, probs = sigmoid_topk(logits, self.current_k(), self.selection_bias.float())
         if self.training and not _in_backward():  # a checkpoint's recompute routes the same tokens again
             with torch.no_grad():  # a token with non-finite logits has no real choice: not counted as load
-                finite = torch.isfinite(logits).all(-1)  # [T]
-                self.load_counts += torch.bincount(idx[finite].reshape(-1), minlength=self.num_experts)
+                finite = torch.isfinite(logits).all(-1, keepdim=True).expand_as(idx)  # [T, k]
+                self.load_counts.scatter_add_(0, idx.reshape(-1), finite.reshape(-1).long())  # no host sync
         return idx, w, probs
 
     @torch.no_grad()
