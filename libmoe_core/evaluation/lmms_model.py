@@ -14,8 +14,9 @@ ablation (each token loses its first-choice expert, the rest renormalised).
 Batched greedy generation with left padding; the answers do not depend on the batch
 size (requests are sorted by length for speed and returned in request order), unless the
 checkpoint's MoE layers set a ``capacity_factor``: its capacity is shared by the batch's tokens.
-A row stops at its end token or as soon as its text holds one of its stop strings (the task's
-``until``, the template's end), the batch when every row has (beam search: at its own end only).
+A row stops at its end token or once its answer is settled at one of its stop strings (the task's
+``until``, the template's end; :class:`StopAtStrings`), the batch when every row has (beam search:
+at its own end only).
 """
 
 from __future__ import annotations
@@ -277,8 +278,8 @@ class LibMoE(lmms):
         return texts
 
     def _generated_lengths(self, new_tokens: torch.Tensor, stop_ends: list[int | None]) -> list[int]:
-        """Tokens each sample really generated: up to and including its first end token, or the
-        token that completed one of its stop strings (``stop_ends``) when that came first."""
+        """Tokens each sample really generated: up to and including its first end token, or up to
+        where its answer settled at a stop string (``stop_ends``) when that came first."""
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         lengths = []
