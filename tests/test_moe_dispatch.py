@@ -6,6 +6,7 @@ from oracles import grads_of, loop_moe_forward
 from torch import nn
 
 from libmoe_core.moe import ROUTERS, build_moe, grouped_linear
+from libmoe_core.moe.experts import probe_grouped_mm
 from libmoe_core.moe.layer import capacity_mask
 
 IMPLS = ["loop", "grouped_mm"]
@@ -223,11 +224,66 @@ def test_dispatch_is_batch_invariant():
 
 @pytest.mark.gpu
 def test_grouped_mm_on_cuda_bf16_matches_loop():
+    assert probe_grouped_mm("cuda", torch.bfloat16), "this GPU/torch runs torch._grouped_mm wrongly: auto uses the loop"
     layer = distinct_layer("smoe", e=8, k=2, impl="grouped_mm").cuda().to(torch.bfloat16)
     x = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
     y = layer(x)
     layer.experts.impl = "loop"
     torch.testing.assert_close(y, layer(x), atol=2e-2, rtol=2e-2)
+
+
+def bias_gradient_rows(device):
+    """A bf16 expert bias over rows sorted by expert (4096 rows, one expert idle), and its fp64 gradient."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3000, 0, 1000, 96], device=device)
+    grad = torch.randn(4096, 64, dtype=torch.bfloat16, device=device)
+    exact = torch.stack([g.double().sum(0) for g in torch.split(grad, counts.tolist())])  # [E, out]
+    return counts, grad, exact
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grouped_mm_bias_gradient_sums_each_expert_in_fp32(device, monkeypatch):
+    """autograd's backward of the repeated bias added rows into the bf16 gradient one by one (on CUDA
+    by atomics: 8 bits kept of every partial sum, ~15 % off at 4096 rows, order-dependent). Oracle: the
+    fp64 sum of each expert's rows, rounded once to bf16; the sum is taken in fp32."""
+    counts, grad, exact = bias_gradient_rows(device)
+    if not probe_grouped_mm(device, torch.bfloat16):
+        pytest.skip(f"torch._grouped_mm does not run correctly on {device} in bf16 here")
+    seen = []
+    real = torch.segment_reduce
+    monkeypatch.setattr(torch, "segment_reduce", lambda data, *a, **kw: seen.append(data.dtype) or real(data, *a, **kw))
+    x = torch.randn(4096, 16, device=device, dtype=torch.bfloat16)
+    w = torch.zeros(4, 16, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.zeros(4, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grouped_linear(x, w, counts, b, "grouped_mm").backward(grad)
+    assert seen == [torch.float32]  # each expert's rows summed in fp32
+    torch.testing.assert_close(b.grad, exact.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_the_grouped_mm_probe_refuses_builds_that_raise_or_miscompute(monkeypatch):
+    """torch 2.8 raises on GPUs other than compute capability 9.0 and has no CPU kernel; one GPU
+    generation gave an idle expert a non-zero weight gradient. auto must then take the loop."""
+    from libmoe_core.moe import Experts
+    from libmoe_core.moe import experts as experts_module
+
+    assert probe_grouped_mm("cpu", torch.float32)  # this torch runs it on CPU
+    real = torch._grouped_mm
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("torch._grouped_mm is only supported on CUDA devices with compute capability = 9.0")
+
+    def leaks_into_empty_groups(x, w, offs):  # the product right, an empty group's weight gradient not
+        return real(x, w, offs=offs) + (w[1].sum() - w[1].sum().detach())  # + 0, gradient 1 per output
+
+    for fake in (refuses, leaks_into_empty_groups):
+        monkeypatch.setattr(torch, "_grouped_mm", fake)
+        assert not probe_grouped_mm("cpu", torch.float32), fake.__name__
+    monkeypatch.setattr(torch, "_grouped_mm", real)
+    experts = Experts(4, 8, 12, 8, gated=True, activation=nn.SiLU())
+    x = torch.randn(10, 8)
+    assert experts.auto_impl(x) == "grouped_mm"  # small aligned fp32 batch on CPU
+    monkeypatch.setattr(experts_module, "grouped_mm_works", lambda device, dtype: False)
+    assert experts.auto_impl(x) == "loop"
 
 
 @pytest.mark.parametrize("block_elements", [1, 60, 1 << 21])  # backward blocks: 1 expert, 2 (gated), all
@@ -311,3 +367,37 @@ def test_auto_picks_grouped_mm_for_small_aligned_cpu_batches_and_the_fused_loop_
         if impl == "auto":
             reference = experts(x, counts)  # threshold patched: the fused loop
         torch.testing.assert_close(experts(x, counts), reference, atol=1e-6, rtol=1e-6)
+
+
+def host_reads(fn) -> list[str]:
+    """The ops ``fn()`` runs that read a tensor's values to the host (on a GPU each waits for it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.bincount.default, torch.ops.aten.masked_select.default}
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in waits or func._overloadpacket in (torch.ops.aten.index.Tensor._overloadpacket,) and any(
+                    isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1] if a is not None):
+                seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+    return seen
+
+
+def test_grouped_dispatch_never_waits_for_the_device():
+    """On the grouped_mm path (CUDA bf16) a forward and backward need no value on the host: bincount,
+    ``int(counts[...])`` and boolean indexing each waited for the GPU, once or twice per layer and call."""
+    for name in ("smoe", "sigmoid", "cosine"):
+        layer = distinct_layer(name, e=4, k=2, impl="grouped_mm")
+        x = torch.randn(2, 8, 16, requires_grad=True)
+
+        def step(layer=layer, x=x):
+            y = layer(x)
+            (y.sum() + layer.last_routing.aux_loss).backward()
+
+        assert host_reads(step) == [], name

@@ -11,6 +11,7 @@ small experts as parallel single-threaded workers (:func:`expert_workers`); ``au
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 from typing import NamedTuple
 
@@ -330,9 +331,55 @@ def grouped_mm_aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def probe_grouped_mm(device: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs correctly on ``device`` in ``dtype``: one tiny forward and
+    backward over three groups, the middle one empty, against per-group products. Builds differ:
+    torch 2.8 runs it on compute capability 9.0 only (elsewhere it raises) and has no CPU kernel,
+    and one GPU generation was reported to give an empty group's weight a non-zero gradient."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False):
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(32, 16, generator=g).to(device, dtype).requires_grad_()  # [rows, in]
+            w = torch.randn(3, 16, 16, generator=g).to(device, dtype).requires_grad_()  # [groups, in, out]
+            y = torch._grouped_mm(x, w, offs=torch.tensor([16, 16, 32], dtype=torch.int32, device=device))
+            y.backward(torch.ones_like(y))
+            expected = torch.cat([x[:16] @ w[0], x[16:] @ w[2]]).float()
+            return bool(torch.allclose(y.float(), expected, rtol=2e-2, atol=2e-2) and (w.grad[1] == 0).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+#: :func:`probe_grouped_mm`, run once per device and dtype (eagerly, also from a compiled forward)
+grouped_mm_works = torch.compiler.disable(functools.cache(probe_grouped_mm))
+
+
 def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """``auto`` picks ``torch._grouped_mm`` on CUDA for bf16 (where it is fast) when aligned."""
-    return hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_aligned(x, weight)
+    """``auto`` picks ``torch._grouped_mm`` on CUDA for bf16 (where it is fast) when aligned and
+    when this torch runs it correctly on this GPU (:func:`grouped_mm_works`)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and grouped_mm_aligned(x, weight)
+            and grouped_mm_works(str(x.device), x.dtype))
+
+
+class _AddExpertBias(torch.autograd.Function):
+    """rows + each row's expert bias, for rows sorted by expert. Backward sums each expert's rows in
+    fp32 (autograd's own backward of the repeated bias adds row after row in the bias dtype: bf16
+    keeps 8 bits of each partial sum, so a bf16 bias gradient over thousands of rows drifts by
+    percents on CUDA, in an order that changes from run to run)."""
+
+    @staticmethod
+    def forward(ctx, rows, bias, counts):  # rows [S, out], bias [E, out], counts [E]
+        ctx.save_for_backward(counts)
+        return rows + torch.repeat_interleave(bias, counts, dim=0, output_size=rows.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # grad [S, out]
+        (counts,) = ctx.saved_tensors
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_bias = torch.segment_reduce(grad.float(), "sum", lengths=counts, axis=0).to(grad.dtype)  # [E, out]
+        return grad, grad_bias, None
 
 
 def grouped_linear(
@@ -356,7 +403,7 @@ def grouped_linear(
         out = torch._grouped_mm(x, weight, offs=offsets)
         out = _ContiguousGrad.apply(out)
         if bias is not None:
-            out = out + torch.repeat_interleave(bias, counts, dim=0, output_size=x.shape[0])
+            out = _AddExpertBias.apply(out, bias, counts)
         return out
     if impl == "loop":
         return _SegmentedLinear.apply(x.contiguous(), weight, bias, counts.tolist())
@@ -441,7 +488,7 @@ class Experts(nn.Module):
         if counts is not None and x.device.type == "cpu" and expert_workers(x, counts.tolist()) > 1:
             return "loop"  # (the CPU check first: reading counts on a GPU would wait for it)
         small = 0 < x.shape[0] * self.w_in.shape[-1] <= _CPU_GROUPED_MM_MAX_ELEMENTS
-        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and hasattr(torch, "_grouped_mm")
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and grouped_mm_works("cpu", torch.float32)
         return "grouped_mm" if small and cpu_fp32 and aligned else "loop"
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:

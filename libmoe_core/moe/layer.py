@@ -121,6 +121,7 @@ def dispatch(
     ffn_ids: torch.Tensor,  # [T, k] expert ids, -1 = no feed-forward expert
     weights: torch.Tensor,  # [T, k]
     experts: Experts,
+    may_drop: bool = True,  # False: the caller knows every id is >= 0
 ) -> torch.Tensor:  # [T, out]
     """Sort token-slots by expert, run the experts as one grouped product, combine weighted.
 
@@ -131,9 +132,10 @@ def dispatch(
     e = experts.num_experts
     flat = ffn_ids.reshape(-1)  # [T*k]
     key = torch.where(flat >= 0, flat, e)  # no-expert slots sort last
-    sorted_key, order = torch.sort(key, stable=True)  # stable: deterministic, batch-invariant
-    counts = torch.bincount(sorted_key, minlength=e + 1)  # [E+1]
-    n_active = t * k - int(counts[e]) if counts[e] else t * k
+    order = torch.sort(key, stable=True).indices  # stable: deterministic, batch-invariant
+    counts = torch.zeros(e + 1, dtype=torch.long, device=key.device).scatter_add_(0, key, torch.ones_like(key))  # [E+1]
+    # every slot has an expert unless some can be dropped (capacity) or expert-less: no wait for the GPU then
+    n_active = t * k - int(counts[e]) if may_drop else t * k
     if n_active == t * k:  # every slot has an expert: permutations both ways, no scatter-add
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -250,7 +252,8 @@ class MoELayer(nn.Module):
             kept = self._within_capacity(ffn_ids)
             dropped = int(((kept < 0) & (ffn_ids >= 0)).sum())
             ffn_ids = kept
-        y = dispatch(tokens, ffn_ids, route.weights, self.experts)
+        may_drop = self.capacity_factor is not None or getattr(self.router, "slot_to_ffn", None) is not None
+        y = dispatch(tokens, ffn_ids, route.weights, self.experts, may_drop)
         extra = self.router.extra_output(tokens, route)
         if extra is not None:
             y = y + extra

@@ -45,7 +45,8 @@ def balance_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -
     """
     flat = experts.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
-    counts = torch.bincount(flat[valid], minlength=num_experts).to(probs.dtype)  # [E]
+    # a scatter, not bincount of flat[valid]: both of those wait for the GPU (output sizes from the data)
+    counts = probs.new_zeros(num_experts).scatter_add_(0, flat.clamp(0, num_experts - 1), valid.to(probs.dtype))  # [E]
     f = counts / max(flat.numel(), 1)
     p = probs.mean(dim=0)  # [E]
     return num_experts * torch.sum(f * p)
