@@ -199,3 +199,32 @@ def test_a_weightless_build_never_downloads(monkeypatch):
         model = build_model("siglip224-phi35", load_weights=False)
     assert calls == [("microsoft/Phi-3.5-mini-instruct", {"local_files_only": True})]
     assert model.config.image_token_id == PRESETS["siglip224-phi35"].text_config["vocab_size"] - 1  # placeholder
+
+
+def _pretend_cuda_gpu(monkeypatch, capability):
+    """flash-attn "installed" and a CUDA GPU of ``capability`` (major, minor), on any machine."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: object() if name == "flash_attn" else find_spec(name, *a, **k))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)])  # V100, T4
+def test_flash_attn_needs_an_ampere_or_newer_gpu(monkeypatch, capability):
+    """flash-attn 2 runs on compute capability >= 8.0 only: it was chosen on a V100 or T4 and failed at
+    the first forward; asked for by name it is now a clear error naming the GPU's capability."""
+    _pretend_cuda_gpu(monkeypatch, capability)
+    assert resolve_attn_implementation(None, torch.bfloat16) == "sdpa"
+    assert resolve_attn_implementation(None) == "sdpa"
+    with pytest.raises(ValueError, match=rf"compute capability >= 8\.0.*is {capability[0]}\.{capability[1]}"):
+        resolve_attn_implementation("flash_attention_2")
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0)])  # A100, A10/RTX 30, H100
+def test_flash_attn_is_chosen_on_ampere_and_newer_gpus(monkeypatch, capability):
+    _pretend_cuda_gpu(monkeypatch, capability)
+    assert resolve_attn_implementation(None, torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation(None, torch.float32) == "sdpa"
+    assert resolve_attn_implementation("flash_attention_2") == "flash_attention_2"

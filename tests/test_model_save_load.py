@@ -282,3 +282,21 @@ def test_reloaded_router_weights_are_aligned_and_the_hyper_gate_exact(tmp_path):
     with torch.no_grad():
         for saved, again in zip((layer.router for _, _, layer in placed_moe_layers(model)), routers, strict=True):
             assert torch.equal(saved._generate(), again._generate())
+
+
+def test_from_pretrained_chooses_attention_for_the_older_torch_dtype_argument(tmp_path, monkeypatch):
+    """transformers still loads in ``torch_dtype`` when ``dtype`` is not given: a bf16 checkpoint loaded
+    with torch_dtype=torch.float32 is an fp32 model, and it got flash-attn (which refuses fp32)."""
+    from libmoe_core.model import attention, modeling
+
+    build_model("tiny").to(torch.bfloat16).save_pretrained(tmp_path)
+    load_dtype = modeling._load_dtype
+    assert load_dtype(str(tmp_path), {}) == torch.bfloat16  # "auto": the checkpoint's own
+    assert load_dtype(str(tmp_path), {"torch_dtype": torch.float32}) == torch.float32
+    assert load_dtype(str(tmp_path), {"torch_dtype": "float32"}) == torch.float32
+    assert load_dtype(str(tmp_path), {"torch_dtype": "auto"}) == torch.bfloat16
+    assert load_dtype(str(tmp_path), {"dtype": torch.float16, "torch_dtype": torch.float32}) == torch.float16  # dtype wins
+    assert load_dtype(str(tmp_path), {"dtype": None, "torch_dtype": torch.float32}) == torch.float32
+    monkeypatch.setattr(attention, "flash_attn_available", lambda: True)  # as on a GPU with flash-attn
+    model = LibMoEVLMForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    assert model.dtype == torch.float32 and model.config.text_config._attn_implementation == "sdpa"

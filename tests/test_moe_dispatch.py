@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from host_reads import host_reads
 from oracles import grads_of, loop_moe_forward
 from torch import nn
 
@@ -369,27 +370,7 @@ def test_auto_picks_grouped_mm_for_small_aligned_cpu_batches_and_the_fused_loop_
         torch.testing.assert_close(experts(x, counts), reference, atol=1e-6, rtol=1e-6)
 
 
-def host_reads(fn) -> list[str]:
-    """The ops ``fn()`` runs that read a tensor's values to the host (on a GPU each waits for it)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    waits = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
-             torch.ops.aten.bincount.default, torch.ops.aten.masked_select.default}
-    seen = []
-
-    class Log(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in waits or func._overloadpacket in (torch.ops.aten.index.Tensor._overloadpacket,) and any(
-                    isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in args[1] if a is not None):
-                seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    with Log():
-        fn()
-    return seen
-
-
-def test_grouped_dispatch_never_waits_for_the_device():
+def test_grouped_dispatch_never_waits_for_the_device(monkeypatch):
     """On the grouped_mm path (CUDA bf16) a forward and backward need no value on the host: bincount,
     ``int(counts[...])`` and boolean indexing each waited for the GPU, once or twice per layer and call."""
     for name in ("smoe", "sigmoid", "cosine"):
@@ -400,4 +381,4 @@ def test_grouped_dispatch_never_waits_for_the_device():
             y = layer(x)
             (y.sum() + layer.last_routing.aux_loss).backward()
 
-        assert host_reads(step) == [], name
+        assert host_reads(step, monkeypatch) == [], name

@@ -1,6 +1,7 @@
 """Training config resolution, validation, DeepSpeed configs and atomic checkpoint bookkeeping."""
 
 import json
+from functools import partial
 
 import pytest
 import yaml
@@ -312,3 +313,55 @@ def test_libmoe_train_reports_a_missing_local_copy(tmp_path, capsys):
     assert "microsoft/Phi-3-mini-4k-instruct" in err
     assert main(["train", "--stage", "pretrain", "--set", "vision_path=/no/such/siglip"]) == 2  # preset tiny
     assert "preset 'tiny' has no pretrained weights" in capsys.readouterr().err
+
+
+def _precision_config(run_dir, precision):
+    return resolve_config("pretrain", overrides={"precision": precision, "run_dir": str(run_dir)})
+
+
+def _pretend_gpu(monkeypatch, capability):
+    """A CUDA GPU of ``capability``; native bf16 from 8.0 (earlier ones emulate it)."""
+    import inspect
+
+    import torch
+
+    # the real signature, which training_dtype relies on
+    assert "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU sm_{capability[0]}{capability[1]}")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or capability >= (8, 0))
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)])  # V100, T4
+def test_precision_auto_trains_in_fp32_on_gpus_without_native_bf16(tmp_path, monkeypatch, capability):
+    """auto picked bf16 on any CUDA GPU; a V100 or T4 only emulates it. bf16 asked for there is refused."""
+    import torch
+
+    from libmoe_core.train.stages import training_dtype
+
+    _pretend_gpu(monkeypatch, capability)
+    cfg = partial(_precision_config, tmp_path)
+    assert training_dtype(cfg("auto")) == torch.float32
+    assert training_dtype(cfg("fp32")) == torch.float32
+    with pytest.raises(ValueError, match=rf"native bf16.*sm_{capability[0]}{capability[1]}\) has {capability[0]}\.{capability[1]}"):
+        training_dtype(cfg("bf16"))
+    from libmoe_core.train import launch as launch_module
+
+    with pytest.raises(ValueError, match="native bf16"):  # refused before any process starts
+        launch_module.launch(cfg("bf16"), on_line=lambda line: pytest.fail(f"a process started: {line}"))
+    assert not (cfg("bf16").stage_dir / "train.log").exists()
+
+
+def test_precision_auto_trains_in_bf16_on_ampere_and_newer_and_fp32_on_cpu(tmp_path, monkeypatch):
+    import torch
+
+    from libmoe_core.train.stages import training_dtype
+
+    cfg = partial(_precision_config, tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [training_dtype(cfg(p)) for p in ("auto", "fp32", "bf16")] == [torch.float32, torch.float32, torch.bfloat16]
+    for capability in ((8, 0), (9, 0)):
+        _pretend_gpu(monkeypatch, capability)
+        assert [training_dtype(cfg(p)) for p in ("auto", "fp32", "bf16")] == [torch.bfloat16, torch.float32, torch.bfloat16]

@@ -7,10 +7,21 @@ import importlib.util
 import torch
 
 ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)  # flash-attn 2 runs on Ampere (sm_80) and newer only
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The current CUDA device's compute capability (major, minor); None without CUDA."""
+    return tuple(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
 
 
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    """flash-attn is installed and the CUDA GPU can run it (compute capability >= 8.0: a V100 or T4
+    failed at the first forward)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    capability = cuda_capability()
+    return capability is not None and capability >= FLASH_ATTN_MIN_CAPABILITY
 
 
 def sdpa_available() -> bool:
@@ -19,8 +30,8 @@ def sdpa_available() -> bool:
 
 def resolve_attn_implementation(requested: str | None = None, dtype: torch.dtype | None = None) -> str:
     """``None``/``"auto"``: the best available for a model in ``dtype`` (flash-attn runs fp16/bf16
-    only, so an fp32 model gets sdpa; None: not known, as for a model cast to bf16 later). An
-    explicit choice is honoured or refused clearly."""
+    only, on GPUs of compute capability >= 8.0, so an fp32 model or an older GPU gets sdpa; None:
+    not known, as for a model cast to bf16 later). An explicit choice is honoured or refused clearly."""
     if requested in (None, "auto"):
         if flash_attn_available() and dtype in (None, torch.float16, torch.bfloat16):
             return "flash_attention_2"
@@ -29,9 +40,14 @@ def resolve_attn_implementation(requested: str | None = None, dtype: torch.dtype
         if importlib.util.find_spec("flash_attn") is None:
             raise ValueError("attn_implementation='flash_attention_2' needs the flash-attn package "
                              "(pip install flash-attn), which is not installed; use 'sdpa' or 'eager'")
-        if not torch.cuda.is_available():
+        capability = cuda_capability()
+        if capability is None:
             raise ValueError("attn_implementation='flash_attention_2' needs a CUDA GPU, and none is available; "
                              "use 'sdpa' or 'eager'")
+        if capability < FLASH_ATTN_MIN_CAPABILITY:
+            need = ".".join(map(str, FLASH_ATTN_MIN_CAPABILITY))
+            raise ValueError(f"attn_implementation='flash_attention_2' needs a GPU of compute capability >= {need} "
+                             f"(Ampere or newer); this GPU's is {capability[0]}.{capability[1]}; use 'sdpa' or 'eager'")
         return requested
     if requested == "sdpa":
         if not sdpa_available():

@@ -384,9 +384,14 @@ def _hub_options(kwargs: dict) -> dict:
 
 
 def _load_dtype(path: str, kwargs: dict) -> torch.dtype | None:
-    """The dtype ``from_pretrained`` loads in: the ``dtype`` asked, or for transformers' default
+    """The dtype ``from_pretrained`` loads in: the ``dtype`` asked (else the older ``torch_dtype``,
+    which transformers still takes when ``dtype`` is not given), or for transformers' default
     ``"auto"`` the checkpoint's own (its config's); None where it cannot be told."""
-    dtype = kwargs.get("dtype", "auto")
+    dtype = kwargs.get("dtype")
+    if dtype is None:
+        dtype = kwargs.get("torch_dtype")
+    if dtype is None:
+        dtype = "auto"
     if dtype == "auto":
         try:
             config = PretrainedConfig.get_config_dict(path, **_hub_options(kwargs))[0]

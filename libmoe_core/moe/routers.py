@@ -414,9 +414,10 @@ class AuxFreeRouter(Router):
         load = self.load_counts  # [E] int64
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)  # every rank applies the same update
-        if load.sum() > 0:
-            below_mean = torch.sign(load.double().mean() - load.double())  # [E] +1 under-loaded, -1 over
-            self.selection_bias += self.bias_update_rate * below_mean.to(self.selection_bias.dtype)
+        # No `if load.sum() > 0` (a host sync per layer per step): an expert at the mean load, as every expert
+        # is with no load at all, gets a step of +0.0, and b - (+0.0) is b bit for bit (b + 0.0 would turn -0.0 to +0.0).
+        above_mean = torch.sign(load.double() - load.double().mean())  # [E] +1 over-loaded, -1 under, +0.0 at the mean
+        self.selection_bias -= self.bias_update_rate * above_mean.to(self.selection_bias.dtype)
         load.zero_()
 
     @torch.no_grad()

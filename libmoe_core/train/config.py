@@ -81,7 +81,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 42
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on a GPU with native bf16 (Ampere+), else fp32 (CPU, V100, T4)
     gradient_checkpointing: bool = False
     # distribution
     zero_stage: str = "2"

@@ -119,10 +119,11 @@ def launch(cfg: TrainConfig, resume: bool = False, on_line: Callable[[str], None
     with (a fresh launch on an earlier run, a resume with a changed config, a run still going).
     Lines of our own (waiting for a busy folder, nothing left to train) start with ``libmoe: ``.
     """
-    from .stages import check_init_model, check_moe_settings, dataset_files
+    from .stages import check_init_model, check_moe_settings, dataset_files, training_dtype
 
     check_init_model(cfg)  # fail before starting processes
     check_moe_settings(cfg)
+    training_dtype(cfg)  # precision: bf16 on a GPU without native bf16 is refused here
     dataset_files(cfg)  # builds the embedded dataset once, here, before any rank needs it
     stage_dir = cfg.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)

@@ -100,7 +100,17 @@ def saved_template(cfg: TrainConfig, processor) -> str:
 
 
 def training_dtype(cfg: TrainConfig) -> torch.dtype:
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()):
+    """The dtype the stage's model is cast to and trained in. ``precision: auto``: bf16 on a CUDA GPU
+    with native bf16 (compute capability >= 8.0, Ampere or newer), else fp32 (a V100 or T4 only
+    emulates bf16, slowly; ``precision`` offers no fp16). ``bf16`` on such a GPU is refused, naming it."""
+    cuda = torch.cuda.is_available()
+    native_bf16 = cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    if cfg.precision == "bf16" and cuda and not native_bf16:
+        major, minor = torch.cuda.get_device_capability()
+        raise ValueError(f"precision: bf16 needs a GPU with native bf16 (compute capability >= 8.0, Ampere or "
+                         f"newer); this GPU ({torch.cuda.get_device_name()}) has {major}.{minor}: use "
+                         "precision: fp32 (or auto, which picks fp32 here)")
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16):
         return torch.bfloat16
     return torch.float32
 
