@@ -228,3 +228,27 @@ def test_reentrant_checkpointing_is_an_error_not_a_silent_loss_of_the_aux_gradie
         model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids)
     with torch.no_grad():  # no gradient wanted: fine
         assert model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=ids).aux_loss is not None
+
+
+def test_layers_sharing_a_token_mask_read_its_rows_once(monkeypatch):
+    """Finding a mask's real rows waits for the device twice (all(), nonzero()); the LLM's MoE layers
+    share the model's mask, so each did it again. Now the first does it, the others reuse the rows,
+    and a mask changed in place (or another mask) is read anew."""
+    from host_reads import host_reads
+
+    torch.manual_seed(0)
+    layers = [distinct_layer("smoe", impl="grouped_mm") for _ in range(3)]
+    mask = MASK.clone()
+    x = torch.randn(*MASK.shape, 16)
+    for layer in layers:
+        layer.token_mask = mask
+    outputs = []
+    reads = host_reads(lambda: outputs.extend(layer(x) for layer in layers), monkeypatch)
+    assert len(reads) == 2, reads  # one all(), one nonzero(): not per layer
+    for layer, y in zip(layers, outputs):
+        layer.token_mask = None
+        torch.testing.assert_close(y[MASK], layer(x[MASK]))  # the real tokens, routed alone
+        layer.token_mask = mask
+    mask[0, 0] = False  # in place: the rows are found again
+    assert len(host_reads(lambda: layers[0](x), monkeypatch)) == 2
+    assert layers[0](x)[0, 0].abs().sum() == 0

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -151,6 +152,24 @@ def dispatch(
     return per_slot.view(t, k, -1).sum(dim=1)  # combine dtype; the layer casts to the input's dtype once
 
 
+_last_mask_rows: tuple | None = None  # (weakref to a token mask, (its version, device, inference mode), its rows)
+
+
+def _rows_of(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """Indices [T'] of the True entries of ``mask`` (None: all True). Reading them waits for the
+    device twice, so the rows of the last mask are kept: the MoE layers of one forward share the
+    model's mask and find it once (an in-place change of the mask makes them anew)."""
+    global _last_mask_rows
+    key = (mask._version, device, torch.is_inference_mode_enabled())  # inference tensors stay in inference
+    memo = _last_mask_rows
+    if memo is not None and memo[0]() is mask and memo[1] == key:
+        return memo[2]
+    flat = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [T]
+    rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)
+    _last_mask_rows = (weakref.ref(mask), key, rows)
+    return rows
+
+
 class MoELayer(nn.Module):
     """Router + experts. ``forward(x)`` returns what the replaced dense MLP would: [..., out].
 
@@ -223,8 +242,7 @@ class MoELayer(nn.Module):
                 f"MoELayer.token_mask has shape {tuple(mask.shape)} but the input's token dims are {tuple(lead)}; "
                 "set it to a [batch, length] bool mask of this call's tokens, or None"
             )
-        flat = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [T]
-        return None if bool(flat.all()) else flat.nonzero().squeeze(1)
+        return _rows_of(mask, device)
 
     def _zeros_in_graph(self, tokens: torch.Tensor) -> torch.Tensor:
         """Zeros [T, out] for tokens that are all padding (or none), in the autograd graph of the
