@@ -171,7 +171,9 @@ def test_whole_pipeline_on_the_tiny_preset(tmp_path):
         assert (run / folder / "final" / "config.json").is_file()
         assert (run / folder / "losses.png").is_file()
     for folder in ("pretrain", "pft", "sft-smoe"):
-        assert (run / folder / (folder.split("-")[0] + ".ipynb")).is_file()
+        executed = json.loads((run / folder / (folder.split("-")[0] + ".ipynb")).read_text())
+        shown = [o for cell in executed["cells"] for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert shown, f"the {folder} notebook shows no loss plot"  # matplotlib.use("Agg") hid it
     for router in ("smoe", "sigmoid"):
         summary = json.loads((run / f"eval-{router}" / "eval_summary.json").read_text())
         assert summary["easyvqa"]["overall"]["n"] == 8

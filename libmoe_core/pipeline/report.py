@@ -38,11 +38,8 @@ def loss_columns(metrics: pd.DataFrame) -> list[str]:
 
 def plot_losses(metrics: pd.DataFrame, title: str = "", out_png: str | Path | None = None):
     """One panel per loss component (``lm_loss``, each ``aux/...`` term as weighted into the loss)
-    against the step; saved as PNG when ``out_png`` is given."""
-    import matplotlib
-
-    if out_png is not None:
-        matplotlib.use("Agg", force=False)
+    against the step; saved as PNG when ``out_png`` is given. The backend is left alone: a notebook
+    shows the figure inline (switching to Agg to save it hid every later figure of the kernel)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
