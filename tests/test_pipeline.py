@@ -71,7 +71,9 @@ def _notebook(path, code):
 
 def test_skips_completed_steps_and_stops_at_the_first_failure(tmp_path):
     nbdir = tmp_path / "nb"
-    _notebook(nbdir / "analysis" / "router_entropy.ipynb", "raise RuntimeError('boom in the notebook')")
+    # a multi-line message as a failed training run's (headline first, then the launcher's output)
+    _notebook(nbdir / "analysis" / "router_entropy.ipynb",
+              "raise RuntimeError('boom in the notebook\\n--- last lines ---\\nlauncher: exits with return code = 1')")
     _notebook(nbdir / "analysis" / "expert_collapse.ipynb", "pass")
     plan = plan_pipeline(stages=["pretrain", "analysis"], runs_root=tmp_path / "runs", notebook_dir=nbdir)
     plan.steps[0].done_marker.parent.mkdir(parents=True)
@@ -81,7 +83,8 @@ def test_skips_completed_steps_and_stops_at_the_first_failure(tmp_path):
     assert execute(plan, log=lines.append) == 1
     text = "\n".join(lines)
     assert "pretrain: already complete, skipped" in text
-    assert "analysis FAILED" in text and str(plan.steps[1].output) in text
+    assert "analysis FAILED: PapermillExecutionError: RuntimeError: boom in the notebook\n" in text + "\n", text
+    assert str(plan.steps[1].output) in text
     executed = nbformat.read(plan.steps[1].output, as_version=4)
     assert "boom in the notebook" in json.dumps(executed.cells[-1].outputs)
     assert not plan.steps[2].output.exists(), "a step after the failure ran"

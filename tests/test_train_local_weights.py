@@ -141,3 +141,15 @@ def test_stages_choose_attention_for_the_training_dtype(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="stop here"):
             load_stage_model(cfg)
         assert seen[-1] == expected
+
+
+def test_a_stage_built_from_unavailable_hub_weights_fails_before_any_process_starts(tmp_path, monkeypatch):
+    """The ranks found the missing weights: a DeepSpeed launch, two tracebacks and "exited with code 1".
+    Now the launch stops first, with the CLI's way of pointing at local copies."""
+    from libmoe_core.train.launch import launch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = resolve_config("pretrain", overrides={"preset": "siglip224-phi35", "run_dir": str(tmp_path), "max_steps": 2})
+    with pytest.raises(OSError, match=r"(?s)`hf download microsoft/Phi-3.5-mini-instruct`.*--set vision_path=DIR --set llm_path=DIR"):
+        launch(cfg, on_line=lambda line: pytest.fail(f"a process started: {line}"))
+    assert not (cfg.stage_dir / "train.log").exists()

@@ -153,6 +153,9 @@ def test_bad_record_fails_with_its_id_unless_skipped(tmp_path):
     log = "".join(err.value.tail)
     assert records[5]["id"] in log and "no_such_image.png" in log
     assert records[9]["id"] in log
+    # the message leads with the rank's exception, not only "exited with code 1"
+    assert "DataValidationError" in str(err.value).splitlines()[0], str(err.value).splitlines()[0]
+    assert "data_policy=skip" in log
 
     skipped = resolve_config("pretrain", overrides={**run, "data_policy": "skip", "run_dir": str(tmp_path / "skip")})
     lines = []

@@ -189,7 +189,8 @@ def apply_policy(loaded: LoadResult, report: Report, policy: str = "error",
         head = f"cannot use {len(unreadable)} annotation file(s) as a whole (no data policy skips a whole file):"
         raise DataValidationError("\n".join([head, *(f"  {p}" for p in unreadable)]))
     if policy == "error":
-        raise DataValidationError(report.format(limit=50) + "\n(use policy 'skip' to drop these records)")
+        raise DataValidationError(report.format(limit=50) + "\n(data_policy 'skip' drops these records and counts them: "
+                                  "`--set data_policy=skip` in training, or the notebooks' data_policy parameter)")
     bad = report.bad_keys
     kept = [r for r in loaded.records if (r.file, r.index) not in bad]
     if not kept:  # nothing to train on is a configuration error (a wrong image folder, a truncated file)

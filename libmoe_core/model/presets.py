@@ -130,8 +130,9 @@ def _local_or_hub(path, hub_id: str) -> str:
     return os.path.expanduser(os.fspath(path)) if path else hub_id
 
 
-def _hub_paths(preset: Preset, vision_path, llm_path) -> tuple[str, str]:
-    """Local paths of the preset's tower and LLM, or a fail-fast error saying what to download."""
+def _hub_paths(preset: Preset, vision_path, llm_path, local_copies: str | None = None) -> tuple[str, str]:
+    """Local paths of the preset's tower and LLM, or a fail-fast error saying what to download;
+    ``local_copies``: how the caller points the preset at downloaded folders (default: the Python call)."""
     from transformers import AutoConfig
 
     vision, llm = _local_or_hub(vision_path, preset.vision_hub), _local_or_hub(llm_path, preset.llm_hub)
@@ -146,10 +147,19 @@ def _hub_paths(preset: Preset, vision_path, llm_path) -> tuple[str, str]:
             f"preset {preset.name!r} loads pretrained weights that are not available here: {'; '.join(missing)}. "
             f"Download them where the hub is reachable, e.g. `hf download {preset.vision_hub}` and "
             f"`hf download {preset.llm_hub}` (or snapshot_download), then either use the HF cache or "
-            f"point the preset at local copies: build_model({preset.name!r}, vision_path='/path/to/vision', "
-            f"llm_path='/path/to/llm'). Use load_weights=False for a randomly initialised model of the same shape."
+            f"point the preset at local copies (`hf download REPO --local-dir DIR`): "
+            + (local_copies or f"build_model({preset.name!r}, vision_path='/path/to/vision', llm_path='/path/to/llm'). "
+               "Use load_weights=False for a randomly initialised model of the same shape.")
         )
     return vision, llm
+
+
+def check_preset_weights(preset: str, vision_path=None, llm_path=None, local_copies: str | None = None) -> None:
+    """A hub preset's tower and LLM can be loaded here (the HF cache, the hub, or the local copies
+    given), else the error of :func:`_hub_paths`; nothing to check for the tiny preset."""
+    spec = get_preset(preset)
+    if spec.vision_hub is not None:
+        _hub_paths(spec, vision_path, llm_path, local_copies)
 
 
 def _hub_tokenizer(llm: str, local_files_only: bool = False):

@@ -277,9 +277,17 @@ def _stale_training(step: Step) -> list[str]:
 
 
 def _error_line(err: Exception) -> str:
-    """The line of an error worth printing: its last line that is not a rule of dashes or the like."""
-    lines = [line.strip() for line in str(err).splitlines()]
-    lines = [line for line in lines if line and any(c.isalnum() for c in line)]
+    """The line of an error worth printing. A notebook cell's error (papermill's ``ename`` / ``evalue``):
+    its type and the first line of its message (a failed training run's names the rank's exception;
+    the last line was the launcher's own report). Otherwise its last line that is not a rule of dashes."""
+    def meaningful(text: str) -> list[str]:
+        return [line.strip() for line in text.splitlines() if any(c.isalnum() for c in line)]
+
+    ename, evalue = getattr(err, "ename", None), getattr(err, "evalue", None)
+    if ename and evalue is not None:
+        first = meaningful(str(evalue))
+        return f"{ename}: {first[0]}" if first else str(ename)
+    lines = meaningful(str(err))
     return lines[-1] if lines else ""
 
 

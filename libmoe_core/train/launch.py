@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,13 +26,30 @@ ZERO_CONFIG_FILES = {"2": "zero2.json", "3": "zero3.json", "3-offload": "zero3_o
 TRAIN_ENTRY = shipped_dir("runners") / "train.py"
 
 
+#: a Python exception's last traceback line, as a rank prints it (possibly behind a "[rank0]: " prefix)
+_EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt)\b.*)$")
+
+
+def _last_exception(lines: list[str]) -> str | None:
+    """The last exception line a rank printed ("OSError: ...", "...DataValidationError: ..."), not the
+    launcher's own report that a rank failed."""
+    for line in reversed(lines):
+        match = _EXCEPTION_LINE.match(line.rstrip())
+        if match and not match.group(1).startswith("subprocess.CalledProcessError"):
+            return match.group(1)
+    return None
+
+
 class TrainingFailed(RuntimeError):
-    """The training subprocess exited non-zero; ``tail`` holds its last output lines."""
+    """The training subprocess exited non-zero; ``tail`` holds its last output lines. The message
+    leads with the exception a rank raised, when its output shows one."""
 
     def __init__(self, returncode: int, log_path: Path, tail: list[str]):
         self.returncode, self.log_path, self.tail = returncode, log_path, tail
+        self.error = _last_exception(tail)
+        cause = f": {self.error}" if self.error else ""
         last = "".join(tail[-40:])
-        super().__init__(f"training exited with code {returncode}; full log: {log_path}\n--- last lines ---\n{last}")
+        super().__init__(f"training exited with code {returncode}{cause}\nfull log: {log_path}\n--- last lines ---\n{last}")
 
 
 def deepspeed_config(zero_stage: str) -> dict:

@@ -123,6 +123,12 @@ def check_init_model(cfg: TrainConfig) -> str | None:
             f"{cfg.stage} starts from {source}, which holds no model: run the previous stage first "
             f"or set init_from (the notebooks' input_model) to a saved model folder"
         )
+    if source is None:  # the stage builds the preset: its hub weights must be here before ranks start
+        from ..model.presets import check_preset_weights
+
+        check_preset_weights(cfg.preset, cfg.vision_path, cfg.llm_path, local_copies=(
+            "`--set vision_path=DIR --set llm_path=DIR` (a config file's keys, the pretrain notebook's "
+            "parameters of those names, `libmoe pipeline --set pretrain.vision_path=DIR`)."))
     return source
 
 
