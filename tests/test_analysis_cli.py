@@ -73,3 +73,16 @@ def test_table_alarms_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", str(path), "--by", "doc"])
     assert "choose from 'task', 'token_kind'" in capsys.readouterr().err
+
+
+def test_table_prints_no_negative_zero():
+    """A value that rounds to zero prints ``0.000``, not ``-0.000`` (e.g. a top-1 entropy of -1e-9)."""
+    import pandas as pd
+
+    from libmoe_core.analysis import format_table
+
+    table = pd.DataFrame([{"trace": "t.parquet", "checkpoint": "c", "placement": "vision", "layer": 0, "tokens": 8,
+                           "dead_experts": 0, "load_cv": -0.0, "max_load_ratio": -0.001, "gini": -1e-9,
+                           "top1_entropy_norm": -0.0004, "margin": -0.25, "alarm": []}])
+    row = format_table(table).splitlines()[1].split()
+    assert row[3:] == ["8", "0", "0.000", "0.00", "0.000", "0.000", "-0.250"]  # a real negative keeps its sign

@@ -34,8 +34,33 @@ def test_file_then_overrides(tmp_path):
 def test_gradient_accumulation_is_derived_and_checked():
     cfg = resolve_config("sft", overrides={"global_batch_size": 32, "per_device_batch_size": 4})
     assert cfg.gradient_accumulation_steps(2) == 4
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="not divisible") as err:
         resolve_config("sft", overrides={"global_batch_size": 30, "per_device_batch_size": 4, "num_procs": 2})
+    # both fixes: another global batch, or a per-device batch dividing 30 / 2 = 15 (the largest not above 4: 3)
+    assert "a multiple of 8, or a per_device_batch_size that divides 30 / 2 = 15 (e.g. per_device_batch_size=3)" in str(err.value)
+
+
+@pytest.mark.parametrize("global_batch,per_device,world,suggestion", [
+    (32, 32, 2, "divides 32 / 2 = 16 (e.g. per_device_batch_size=16)"),  # the tiny recipe on 2 processes
+    (24, 16, 1, "divides 24 / 1 = 24 (e.g. per_device_batch_size=12)"),
+    (24, 5, 2, "divides 24 / 2 = 12 (e.g. per_device_batch_size=4)"),
+    (12, 8, 3, "divides 12 / 3 = 4 (e.g. per_device_batch_size=4)"),
+])
+def test_batch_error_suggests_a_per_device_batch_that_divides(global_batch, per_device, world, suggestion):
+    cfg = resolve_config("sft", overrides={"global_batch_size": global_batch, "per_device_batch_size": 1})
+    cfg.per_device_batch_size = per_device
+    with pytest.raises(ValueError, match="not divisible") as err:
+        cfg.gradient_accumulation_steps(world)
+    assert suggestion in str(err.value)
+    fit = int(suggestion.rsplit("=", 1)[1].rstrip(")"))
+    cfg.per_device_batch_size = fit
+    assert cfg.gradient_accumulation_steps(world) * fit * world == global_batch  # the suggestion works
+
+
+def test_batch_error_without_a_per_device_fix_says_so():
+    cfg = resolve_config("sft", overrides={"global_batch_size": 32, "per_device_batch_size": 4})
+    with pytest.raises(ValueError, match=r"multiple of 12 \(no per_device_batch_size fits: 32 is not divisible by world size 3\)"):
+        cfg.gradient_accumulation_steps(3)
 
 
 @pytest.mark.parametrize("key,value,needle", [

@@ -105,6 +105,14 @@ _SHORT = {
 }
 
 
+def _format_number(fmt: str, value) -> str:
+    """``fmt.format(value)``, without the sign of a value that rounds to zero (``0.000``, not ``-0.000``)."""
+    text = fmt.format(value)
+    if text.startswith("-") and not any(c in "123456789" for c in text):  # every digit 0: rounds to zero
+        text = text[1:]
+    return text
+
+
 def format_table(table) -> str:
     """A fixed-width text table (one line per group; ``!`` marks a collapse alarm)."""
     key_cols = [c for c in ("checkpoint", "placement", "layer", "task", "token_kind") if c in table.columns]
@@ -117,7 +125,7 @@ def format_table(table) -> str:
         cells = [str(rec[c]) for c in key_cols]
         for c, fmt in metric_cols:
             v = rec[c]
-            cells.append("-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v))
+            cells.append("-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else _format_number(fmt, v))
         cells.append("! " + "; ".join(rec["alarm"]) if rec.get("alarm") else "")
         rows.append(cells)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]

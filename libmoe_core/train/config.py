@@ -128,11 +128,23 @@ class TrainConfig:
     def gradient_accumulation_steps(self, world_size: int) -> int:
         per_step = self.per_device_batch_size * world_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            message = (
                 f"global_batch_size={self.global_batch_size} is not divisible by per_device_batch_size "
                 f"({self.per_device_batch_size}) x world size ({world_size}) = {per_step}; "
                 f"choose a global batch that is a multiple of {per_step}"
             )
+            if self.global_batch_size % world_size == 0:  # a per-device batch dividing global / world fits
+                per_rank = self.global_batch_size // world_size
+                # the largest divisor of the per-rank batch not above the current per-device batch
+                # (so a micro-batch never grows), gradient accumulation making up the rest
+                fit = max(d for d in range(1, min(per_rank, self.per_device_batch_size) + 1) if per_rank % d == 0)
+                message += (
+                    f", or a per_device_batch_size that divides {self.global_batch_size} / {world_size} = {per_rank}"
+                    f" (e.g. per_device_batch_size={fit})"
+                )
+            else:
+                message += f" (no per_device_batch_size fits: {self.global_batch_size} is not divisible by world size {world_size})"
+            raise ValueError(message)
         return self.global_batch_size // per_step
 
     def resolved_init_from(self) -> str | None:
