@@ -28,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    from .moe.router_base import RouterPluginError
+
+    try:
+        return int(args.func(args) or 0)
+    except RouterPluginError as err:  # a user's router module is broken: one line, not a traceback
+        print(f"libmoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -63,6 +63,13 @@ def test_a_broken_router_module_is_named(tmp_path):
     assert proc.returncode != 0
     assert "router module 'broken_routers' (from $LIBMOE_ROUTER_MODULES) failed to import" in proc.stderr
     assert "typo in my router" in proc.stderr
+    # the CLI says it in one line (it printed a chained traceback of 25-30 lines)
+    cli = subprocess.run([sys.executable, "-m", "libmoe_core.cli", "routers"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path), "LIBMOE_ROUTER_MODULES": "broken_routers"},
+                         check=False)
+    assert cli.returncode == 2
+    assert cli.stderr.strip().splitlines() == [("libmoe routers: error: router module 'broken_routers' "
+                                               "(from $LIBMOE_ROUTER_MODULES) failed to import: typo in my router")]
 
 
 def test_routers_lists_a_plugin_without_a_docstring(tmp_path):

@@ -380,6 +380,10 @@ ROUTER_MODULES_ENV = "LIBMOE_ROUTER_MODULES"
 _loaded_router_modules: set[str] = set()
 
 
+class RouterPluginError(ImportError):
+    """A module registering routers (an entry point, or ``$LIBMOE_ROUTER_MODULES``) failed to import."""
+
+
 def load_router_plugins() -> list[str]:
     """Import the modules that register routers of their own; returns the ones newly imported.
 
@@ -404,7 +408,7 @@ def load_router_plugins() -> list[str]:
         try:
             importlib.import_module(module)
         except Exception as err:
-            raise ImportError(f"router module {module!r} (from {origin}) failed to import: {err}") from err
+            raise RouterPluginError(f"router module {module!r} (from {origin}) failed to import: {err}") from err
         _loaded_router_modules.add(module)
         imported.append(module)
     return imported
