@@ -160,13 +160,15 @@ def _rows_of(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
     device twice, so the rows of the last mask are kept: the MoE layers of one forward share the
     model's mask and find it once (an in-place change of the mask makes them anew)."""
     global _last_mask_rows
-    key = (mask._version, device, torch.is_inference_mode_enabled())  # inference tensors stay in inference
+    # an inference tensor has no version counter (an in-place change could not be seen): not kept
+    key = None if mask.is_inference() else (mask._version, device, torch.is_inference_mode_enabled())
     memo = _last_mask_rows
-    if memo is not None and memo[0]() is mask and memo[1] == key:
+    if key is not None and memo is not None and memo[0]() is mask and memo[1] == key:
         return memo[2]
     flat = mask.reshape(-1).to(device=device, dtype=torch.bool)  # [T]
     rows = None if bool(flat.all()) else flat.nonzero().squeeze(1)
-    _last_mask_rows = (weakref.ref(mask), key, rows)
+    if key is not None:
+        _last_mask_rows = (weakref.ref(mask), key, rows)
     return rows
 
 
