@@ -223,7 +223,7 @@ class NonfiniteStepCallback(TrainerCallback, ExportableState):
                 "attributes": {"nonfinite_steps": self.nonfinite_steps, "in_a_row": self.in_a_row}}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        saved = state.stateful_callbacks.get(type(self).__name__)  # TrainerState makes it a dict
         attributes = saved.get("attributes", {}) if isinstance(saved, dict) else {}
         self.nonfinite_steps = attributes.get("nonfinite_steps", 0)
         self.in_a_row = attributes.get("in_a_row", 0)
